@@ -1,0 +1,612 @@
+"""S-SPPO: semantic-calibrated self-play preference optimisation, one iteration of training.
+
+Reads a scored JSONL file (oracle.py's output: K responses per prompt, the K x K win-probability
+matrix `pref` and similarity matrix `sim`) or a pairs file, picks one chosen / rejected pair per
+prompt by (calibrated) win rate, and trains the policy so that its log-ratio against the model it
+started from regresses onto eta * (win rate - 1/2) (METHOD.md §1, §3, §4).
+
+    python sspo.py --data scored.jsonl                          # 1 CPU or 1 GPU, packaged SmolLM2
+    python sspo.py --data scored.jsonl --model meta-llama/Meta-Llama-3-8B-Instruct --output_dir runs/it1
+    accelerate launch sspo.py --data scored.jsonl ...          # N GPUs: whatever `accelerate config` says
+    accelerate launch --config_file configs/X.yaml sspo.py ... # DeepSpeed / FSDP configs
+    torchrun --nproc_per_node 2 sspo.py --data scored.jsonl ...# 2 CPU processes (gloo)
+    python sspo.py ... --resume                                  # continue a killed run in --output_dir
+
+The global batch is batch_size x grad_accum x processes pairs; the SPPO paper used 64.
+`python sspo.py --help` lists every flag with its default.
+"""
+import torch
+import torch.nn.functional as F
+
+
+# ============================================================================ the loss block
+# Pure functions of tensors: paste them next to `import torch` / `import torch.nn.functional as F`.
+
+def semantic_gate(sim, tau_low, tau_high):
+    """g_ij = clamp((S_ij - tau_low) / (tau_high - tau_low), 0, 1)   (METHOD.md §3.1).
+
+    sim: (..., K, K) cosine similarities -> (..., K, K) gate in [0, 1]; 0 keeps the oracle, 1 gives 1/2.
+    """
+    return ((sim - tau_low) / (tau_high - tau_low)).clamp(0.0, 1.0)
+
+
+def calibrate(pref, sim, tau_low, tau_high):
+    """Supervision calibration: Pc_ij = (1 - g_ij) * P_ij + g_ij * 1/2   (METHOD.md §3.1).
+
+    pref: (..., K, K) P(y_i > y_j) with P_ij + P_ji = 1, P_ii = 1/2; sim: (..., K, K) symmetric, S_ii = 1.
+    Returns (..., K, K). g is symmetric, so Pc_ij + Pc_ji = 1 still holds (the game stays constant-sum).
+    """
+    g = semantic_gate(sim, tau_low, tau_high)
+    return (1.0 - g) * pref + g * 0.5
+
+
+def win_rates(pref):
+    """P_hat_i = (1/K) sum_j P_ij, the diagonal 1/2 included   (METHOD.md §1).  (..., K, K) -> (..., K)."""
+    return pref.mean(dim=-1)
+
+
+def repulsion_loss(h_chosen, h_rejected, margin):
+    """Representation calibration: L_rep = relu(margin - || h_w/|h_w| - h_l/|h_l| ||_2)   (METHOD.md §3.2).
+
+    h_chosen, h_rejected: (B, D) mean-pooled last hidden states of the responses -> (B,).
+    """
+    distance = (F.normalize(h_chosen, dim=-1) - F.normalize(h_rejected, dim=-1)).norm(dim=-1)
+    return F.relu(margin - distance)
+
+
+def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
+                    loss_type, beta, chosen_winrate=None, rejected_winrate=None):
+    """Per-pair loss of every loss type of METHOD.md §4. All inputs (B,) -> (B,).
+
+    *_logps are log-probs of the response tokens SUMMED over the response; ref = pi_t, the model the
+    iteration started from. eta = 1/beta. chosen_winrate / rejected_winrate (B,) are P_hat of chosen and
+    rejected: calibrated ones for 'sspo', raw ones for 'sppo'; the other types do not use them.
+    The repulsion term of 'sspo' is added by the caller (repulsion_loss).
+    """
+    a_w = policy_chosen_logps - ref_chosen_logps  # a(y) = log pi_theta(y|x) - log pi_t(y|x)   (§1)
+    a_l = policy_rejected_logps - ref_rejected_logps
+    eta = 1.0 / beta
+    if loss_type in ("sspo", "sppo"):  # (a_w - eta(P_hat_w - 1/2))^2 + (a_l - eta(P_hat_l - 1/2))^2
+        if chosen_winrate is None or rejected_winrate is None:
+            raise ValueError(f"loss_type={loss_type!r} needs chosen_winrate and rejected_winrate")
+        return (a_w - eta * (chosen_winrate - 0.5)) ** 2 + (a_l - eta * (rejected_winrate - 0.5)) ** 2
+    if loss_type == "sppo_hard":  # the same with P_hat_w = 1, P_hat_l = 0
+        return (a_w - eta / 2) ** 2 + (a_l + eta / 2) ** 2
+    if loss_type == "dpo":  # -log sigmoid(beta (a_w - a_l))
+        return -F.logsigmoid(beta * (a_w - a_l))
+    if loss_type == "ipo":  # (a_w - a_l - 1/(2 beta))^2
+        return (a_w - a_l - 1.0 / (2.0 * beta)) ** 2
+    raise ValueError(f"unknown loss_type {loss_type!r}: use one of sspo, sppo, sppo_hard, dpo, ipo")
+
+# ======================================================================= end of the loss block
+
+
+import contextlib  # noqa: E402  (the loss block above stays torch-only, so it can be copied alone)
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+
+import common  # noqa: E402
+from common import UserError, field_error  # noqa: E402
+
+LOSS_TYPES = ("sspo", "sppo", "sppo_hard", "dpo", "ipo")
+CHECKPOINT = "checkpoint"  # inside --output_dir; written atomically through CHECKPOINT + ".tmp"
+DONE_FILE = "summary.json"  # written last: its presence means the model in --output_dir is complete
+
+
+# ================================================================================== the data
+
+def _matrix(path, n, row, name, k):
+    """row[name] as a float K x K tensor, or a one-line error naming file, line and field."""
+    value = row.get(name)
+    if not (isinstance(value, list) and len(value) == k and all(isinstance(r, list) and len(r) == k for r in value)):
+        raise field_error(path, n, name, f"must be a {k} x {k} list of numbers (K = number of responses)")
+    try:
+        m = torch.tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError):
+        raise field_error(path, n, name, "must hold numbers only") from None
+    if not torch.isfinite(m).all():
+        raise field_error(path, n, name, "holds NaN or infinity")
+    return m
+
+
+def _check_pref(path, n, p):
+    if (p < 0).any() or (p > 1).any():
+        raise field_error(path, n, "pref", "probabilities must lie in [0, 1]")
+    if ((p.diagonal() - 0.5).abs() > 1e-3).any():
+        raise field_error(path, n, "pref", "diagonal must be 1/2 (a response ties with itself)")
+    if ((p + p.T - 1).abs() > 1e-3).any():
+        raise field_error(path, n, "pref", "must be constant-sum: pref[i][j] + pref[j][i] = 1")
+
+
+def _check_sim(path, n, s):
+    if (s.abs() > 1 + 1e-4).any() or ((s - s.T).abs() > 1e-4).any():
+        raise field_error(path, n, "sim", "must be a symmetric matrix of cosine similarities in [-1, 1]")
+
+
+def _text(path, n, row, name):
+    value = row.get(name)
+    if not isinstance(value, str):
+        raise field_error(path, n, name, f"must be a string, got {type(value).__name__}")
+    return value
+
+
+def _winrate(path, n, row, name):
+    value = row.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise field_error(path, n, name, "must be a number in [0, 1]")
+    return float(value)
+
+
+def load_pairs(path, loss, tau_low, tau_high):
+    """Read a scored or pairs JSONL file (METHOD.md §5) into one chosen / rejected pair per prompt.
+
+    Scored rows: win rates from `pref`, calibrated by `sim` for loss 'sspo' (§3.1) and raw otherwise
+    (§4); chosen = argmax, rejected = argmin. Pairs rows: the given win rates; for 'sspo' a row's
+    optional `similarity` s shrinks both toward 1/2 by the gate g(s) (§3.1 applied to the pair).
+    Returns (pairs, stats): pairs are dicts with prompt, chosen, rejected, chosen_winrate,
+    rejected_winrate, gate; stats counts rows, pairs and prompts skipped because all win rates tie.
+    """
+    pairs, skipped, rows = [], 0, 0
+    for n, row in common.read_jsonl(path):
+        rows += 1
+        prompt = _text(path, n, row, "prompt")
+        if "responses" in row:
+            responses = row["responses"]
+            if not (isinstance(responses, list) and len(responses) >= 2 and all(isinstance(r, str) for r in responses)):
+                raise field_error(path, n, "responses", "must be a list of at least 2 strings")
+            k = len(responses)
+            pref = _matrix(path, n, row, "pref", k)
+            _check_pref(path, n, pref)
+            if loss == "sspo":
+                sim = _matrix(path, n, row, "sim", k)
+                _check_sim(path, n, sim)
+                gate = semantic_gate(sim, tau_low, tau_high)
+                rates = win_rates(calibrate(pref, sim, tau_low, tau_high))
+                gate_mean = float((gate.sum() - gate.diagonal().sum()) / (k * (k - 1)))
+            else:
+                rates, gate_mean = win_rates(pref), 0.0
+            w, l = int(rates.argmax()), int(rates.argmin())
+            if rates[w] - rates[l] < 1e-9:  # every response ties: no direction to learn
+                skipped += 1
+                continue
+            pairs.append(dict(prompt=prompt, chosen=responses[w], rejected=responses[l],
+                              chosen_winrate=float(rates[w]), rejected_winrate=float(rates[l]), gate=gate_mean))
+        elif "chosen" in row:
+            pair = dict(prompt=prompt, chosen=_text(path, n, row, "chosen"), rejected=_text(path, n, row, "rejected"),
+                        chosen_winrate=_winrate(path, n, row, "chosen_winrate"),
+                        rejected_winrate=_winrate(path, n, row, "rejected_winrate"), gate=0.0)
+            if loss == "sspo" and row.get("similarity") is not None:
+                s = row["similarity"]
+                if isinstance(s, bool) or not isinstance(s, (int, float)) or not -1 <= s <= 1:
+                    raise field_error(path, n, "similarity", "must be a cosine similarity in [-1, 1]")
+                pair["gate"] = g = float(semantic_gate(torch.tensor(float(s)), tau_low, tau_high))
+                for side in ("chosen_winrate", "rejected_winrate"):
+                    pair[side] = 0.5 + (1 - g) * (pair[side] - 0.5)
+            pairs.append(pair)
+        else:
+            raise UserError(f"{path}:{n}: neither a scored row (fields 'responses', 'pref', 'sim') "
+                            "nor a pairs row (fields 'chosen', 'rejected', 'chosen_winrate', 'rejected_winrate')")
+    if not pairs:
+        raise UserError(f"{path}: no usable pair ({rows} rows, {skipped} with all win rates equal)")
+    return pairs, dict(rows=rows, pairs=len(pairs), skipped_ties=skipped)
+
+
+def tokenize_pairs(pairs, tokenizer, max_length):
+    """Token ids of each pair: the chat-formatted prompt, and each response followed by the end-of-turn token.
+
+    Over max_length, the prompt keeps its last tokens (at most half of max_length when the longer
+    response needs the room) and the responses lose their ends, as a reader of the text would cut.
+    Returns (examples, number truncated). Prompt and responses are tokenised apart, exactly as
+    generate.py samples the response after the prompt's ids.
+    """
+    eot = common.end_of_turn_id(tokenizer)
+    examples, truncated = [], 0
+    for p in pairs:
+        prompt = common.prompt_ids(tokenizer, p["prompt"])
+        chosen, rejected = ([*tokenizer(p[s], add_special_tokens=False)["input_ids"], eot] for s in ("chosen", "rejected"))
+        longest = max(len(chosen), len(rejected))
+        if len(prompt) + longest > max_length:
+            truncated += 1
+            keep = max(max_length - longest, max_length // 2)
+            prompt = prompt[-keep:] if len(prompt) > keep else prompt
+            chosen, rejected = chosen[:max_length - len(prompt)], rejected[:max_length - len(prompt)]
+        examples.append(dict(p, prompt_ids=prompt, chosen_ids=chosen, rejected_ids=rejected))
+    return examples, truncated
+
+
+def collate(examples, pad_id):
+    """Chosen rows then rejected rows of the same pairs, right-padded (so positions need no ids).
+
+    Returns input_ids, attention_mask and response_mask (N = 2B, T); response_mask marks response tokens.
+    """
+    seqs = [(e["prompt_ids"], e[side]) for side in ("chosen_ids", "rejected_ids") for e in examples]
+    width = max(len(p) + len(r) for p, r in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    response_mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, (p, r) in enumerate(seqs):
+        input_ids[i, :len(p) + len(r)] = torch.tensor(p + r)
+        attention_mask[i, :len(p) + len(r)] = 1
+        response_mask[i, len(p):len(p) + len(r)] = True
+    return dict(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask)
+
+
+# ================================================================================= the model
+
+def _chunk_logps(lm_head, hidden, targets, softcap):
+    logits = lm_head(hidden).float()
+    if softcap:  # Gemma-2 style final logit soft-capping, as the model's own forward applies it
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)
+
+
+class SequenceScorer(torch.nn.Module):
+    """One forward pass of a causal LM that returns, per sequence, what the loss needs.
+
+    forward(input_ids, attention_mask, response_mask) -> (logps (N,), pooled (N, D)):
+    logps: log-probs of the response tokens summed over the response; pooled: the last hidden
+    state (after the final norm) averaged over the response tokens (METHOD.md §3.2). The LM head
+    runs on response positions only, `chunk` rows at a time, recomputed in the backward pass, so no
+    full-vocabulary logits tensor for the batch ever exists. Wrapping the model in this module lets
+    accelerate (DDP, FSDP, DeepSpeed) see one forward.
+    """
+
+    def __init__(self, model, chunk=1024):
+        super().__init__()
+        self.model, self.chunk = model, chunk
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    def forward(self, input_ids, attention_mask, response_mask, naive=False):
+        if naive:  # the model's own full-vocabulary logits: the yardstick of the fast path (check_scorer, tests)
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+            token = logits[:, :-1].log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+            return (token * response_mask[:, 1:]).sum(-1), None
+        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        predicts = response_mask[:, 1:]  # position t predicts token t+1
+        h, targets = hidden[:, :-1][predicts], input_ids[:, 1:][predicts]
+        row = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(predicts)[predicts]
+        head = self.model.get_output_embeddings()
+        parts = []
+        for s in range(0, len(h), self.chunk):
+            args = (head, h[s:s + self.chunk], targets[s:s + self.chunk], self.softcap)
+            if torch.is_grad_enabled():
+                parts.append(torch.utils.checkpoint.checkpoint(_chunk_logps, *args, use_reentrant=False))
+            else:
+                parts.append(_chunk_logps(*args))
+        token_logps = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
+        logps = torch.zeros(len(input_ids), dtype=torch.float32, device=h.device).index_add(0, row, token_logps)
+        mask = response_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return logps, pooled.float()
+
+
+def check_scorer(scorer, batch, model_type):
+    """Fail loudly if the response-only LM head disagrees with the model's own logits (an exotic head)."""
+    with torch.no_grad():
+        fast, _ = scorer(**batch)
+        full, _ = scorer(**batch, naive=True)
+    if not torch.allclose(fast, full, rtol=1e-3, atol=1e-2):
+        raise UserError(f"model type {model_type!r}: the response-only LM head gives {fast.tolist()} but the "
+                        f"model's own forward gives {full.tolist()}; sspo.py does not reproduce how this "
+                        "architecture transforms its logits")
+
+
+def disable_dropout(model):
+    """Dropout off (as TRL does for DPO): pi_theta and pi_t must be the same function at step 0."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+
+
+# ============================================================================== the schedule
+
+def lr_at(step, total, warmup, peak, schedule):
+    """Learning rate of optimizer step `step` (0-based): linear warm-up, then constant / linear / cosine."""
+    if step < warmup:
+        return peak * (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "constant":
+        return peak
+    if schedule == "linear":
+        return peak * (1.0 - progress)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def step_batches(n, global_batch, seed, epochs):
+    """Pair indices of every optimizer step: a fresh permutation per epoch from (seed, epoch).
+
+    A pure function of its arguments, so a resumed run, and every process, sees the same order.
+    The last step of an epoch may be smaller than global_batch.
+    """
+    steps = []
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch)).tolist()
+        steps += [order[i:i + global_batch] for i in range(0, n, global_batch)]
+    return steps
+
+
+def micro_batches(indices, parts):
+    """Split one step's indices into `parts` near-equal consecutive chunks (some empty when few)."""
+    q, r = divmod(len(indices), parts)
+    bounds = [0]
+    for i in range(parts):
+        bounds.append(bounds[-1] + q + (1 if i < r else 0))
+    return [indices[bounds[i]:bounds[i + 1]] for i in range(parts)]
+
+
+# ============================================================================== the training
+
+def _check_flags(loss, beta, tau_low, tau_high, rep_weight, rep_margin, lr, epochs, batch_size, grad_accum,
+                 max_length, save_every, warmup_ratio, max_grad_norm, optimizer, lr_schedule, mixed_precision):
+    checks = [
+        (loss in LOSS_TYPES, f"--loss must be one of {', '.join(LOSS_TYPES)}, got {loss!r}"),
+        (isinstance(beta, (int, float)) and beta > 0, f"--beta must be > 0 (eta = 1/beta), got {beta!r}"),
+        (isinstance(tau_low, (int, float)) and isinstance(tau_high, (int, float)) and tau_low < tau_high,
+         f"--tau_low must be below --tau_high, got {tau_low!r} >= {tau_high!r}"),
+        (isinstance(rep_weight, (int, float)) and rep_weight >= 0, f"--rep_weight must be >= 0, got {rep_weight!r}"),
+        (isinstance(rep_margin, (int, float)) and 0 <= rep_margin <= 2, f"--rep_margin must lie in [0, 2], got {rep_margin!r}"),
+        (isinstance(lr, (int, float)) and lr > 0, f"--lr must be > 0, got {lr!r}"),
+        (isinstance(epochs, int) and epochs >= 1, f"--epochs must be an integer >= 1, got {epochs!r}"),
+        (isinstance(batch_size, int) and batch_size >= 1, f"--batch_size must be an integer >= 1, got {batch_size!r}"),
+        (isinstance(grad_accum, int) and grad_accum >= 1, f"--grad_accum must be an integer >= 1, got {grad_accum!r}"),
+        (isinstance(max_length, int) and max_length >= 8, f"--max_length must be an integer >= 8, got {max_length!r}"),
+        (isinstance(save_every, int) and save_every >= 0, f"--save_every must be an integer >= 0, got {save_every!r}"),
+        (isinstance(warmup_ratio, (int, float)) and 0 <= warmup_ratio < 1, f"--warmup_ratio must lie in [0, 1), got {warmup_ratio!r}"),
+        (isinstance(max_grad_norm, (int, float)) and max_grad_norm >= 0, f"--max_grad_norm must be >= 0, got {max_grad_norm!r}"),
+        (optimizer in ("rmsprop", "adamw"), f"--optimizer must be rmsprop or adamw, got {optimizer!r}"),
+        (lr_schedule in ("linear", "cosine", "constant"), f"--lr_schedule must be linear, cosine or constant, got {lr_schedule!r}"),
+        (mixed_precision in (None, "no", "bf16", "fp16"), f"--mixed_precision must be no, bf16 or fp16, got {mixed_precision!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
+def _atomic_save_checkpoint(accelerator, output_dir, step):
+    """accelerate's state (model, optimizer, RNGs) plus the step, swapped in by renames: never half written."""
+    final, tmp, old = (os.path.join(output_dir, CHECKPOINT + s) for s in ("", ".tmp", ".old"))
+    if accelerator.is_main_process and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, "step.json"), "w") as f:
+            json.dump({"step": step}, f)
+        if os.path.exists(final):
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _find_checkpoint(output_dir):
+    """The newest complete checkpoint folder (a kill between the two renames leaves only `.old`)."""
+    for name in (CHECKPOINT, CHECKPOINT + ".old"):
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(os.path.join(path, "step.json")):
+            return path
+    return None
+
+
+def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo", beta=1e-3,
+         tau_low=0.55, tau_high=0.95, rep_weight=1.0, rep_margin=0.1, lr=5e-7, epochs=1, batch_size=8,
+         grad_accum=1, max_length=1024, seed=0, resume=False, save_every=100, optimizer="rmsprop",
+         warmup_ratio=0.1, lr_schedule="linear", max_grad_norm=1.0, weight_decay=0.0, mixed_precision=None,
+         gradient_checkpointing=False, logits_chunk=1024, keep_checkpoint=False):
+    """Train one S-SPPO iteration: the policy starts as --model, which is also the reference pi_t.
+
+    Args:
+      data: scored JSONL (oracle.py: prompt, responses, pref, sim) or pairs JSONL (METHOD.md §5)
+      model: hub id or local folder of any HF causal LM with a chat template; default the packaged SmolLM2
+      output_dir: where the final model, metrics.jsonl, checkpoints and summary.json go
+      loss: sspo | sppo | sppo_hard | dpo | ipo (METHOD.md §4); only sspo calibrates
+      beta: 1/eta; eta scales the win-rate targets: a(y) -> eta (P_hat - 1/2)
+      tau_low: similarity at and below which the oracle's preference is kept as is (§3.1)
+      tau_high: similarity at and above which the preference becomes 1/2 (§3.1)
+      rep_weight: lambda, the weight of the latent repulsion term (sspo only; 0 turns it off)
+      rep_margin: the latent distance below which chosen and rejected are pushed apart (in [0, 2])
+      lr: peak learning rate
+      epochs: passes over the pairs
+      batch_size: pairs per process per micro-step (each pair is two sequences)
+      grad_accum: micro-steps per optimizer step
+      max_length: most tokens of prompt + response; longer pairs are truncated and counted
+      seed: seed of the data order and of everything random
+      resume: continue the killed run found in output_dir (same command otherwise)
+      save_every: optimizer steps between checkpoints (0: none)
+      optimizer: rmsprop (as SPPO) | adamw
+      warmup_ratio: share of the optimizer steps with linearly rising learning rate
+      lr_schedule: after warm-up: linear (to 0) | cosine (to 0) | constant
+      max_grad_norm: clip the global gradient norm to this (0: no clipping; the norm is logged anyway)
+      weight_decay: decoupled for adamw, L2 for rmsprop
+      mixed_precision: no | bf16 | fp16; default: what `accelerate launch` / its config says (else fp32)
+      gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% slower)
+      logits_chunk: response positions per chunk of the LM head (memory of the vocabulary projection)
+      keep_checkpoint: keep the last checkpoint (model + optimizer) after the final model is saved
+    """
+    config = {k: v for k, v in locals().items()}
+    _check_flags(loss, beta, tau_low, tau_high, rep_weight, rep_margin, lr, epochs, batch_size, grad_accum,
+                 max_length, save_every, warmup_ratio, max_grad_norm, optimizer, lr_schedule, mixed_precision)
+    if not isinstance(logits_chunk, int) or logits_chunk < 1:
+        raise UserError(f"--logits_chunk must be an integer >= 1, got {logits_chunk!r}")
+    output_dir = str(output_dir)
+    done = os.path.join(output_dir, DONE_FILE)
+    if os.path.exists(done):
+        if resume:
+            print(f"{output_dir}: already complete ({DONE_FILE} exists); nothing to do")
+            return
+        raise UserError(f"{output_dir} already holds a finished model: choose another --output_dir")
+    if not resume and (_find_checkpoint(output_dir) or os.path.exists(os.path.join(output_dir, "metrics.jsonl"))):
+        raise UserError(f"{output_dir} holds an unfinished run: add --resume to continue it, or choose another --output_dir")
+    saved = os.path.join(output_dir, "run_config.json")
+    if resume and os.path.exists(saved):
+        with open(saved) as f:
+            before = json.load(f)
+        changed = [k for k in config if k != "resume" and k in before and before[k] != config[k]]
+        if changed:
+            raise UserError(f"--resume needs the same command: {', '.join(f'--{k} was {before[k]!r}, now {config[k]!r}' for k in changed)}")
+    rep_weight = rep_weight if loss == "sspo" else 0.0  # repulsion belongs to sspo alone (§4)
+
+    # Everything a user can get wrong is checked before a model is loaded or a file written.
+    pairs, stats = load_pairs(str(data), loss, tau_low, tau_high)
+
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    # Several processes and no CUDA (torchrun on CPU): accelerate uses gloo only when told cpu=True.
+    cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu_processes)
+    main_process, world = accelerator.is_main_process, accelerator.num_processes
+    set_seed(seed)
+    policy, tokenizer = common.load_causal_lm(model)
+    examples, stats["truncated"] = tokenize_pairs(pairs, tokenizer, max_length)
+    pad_id = tokenizer.pad_token_id
+    policy.config.use_cache = False
+    disable_dropout(policy)
+    if gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    scorer = SequenceScorer(policy, chunk=logits_chunk)
+
+    params = [p for p in scorer.parameters() if p.requires_grad]
+    opt_cls = torch.optim.RMSprop if optimizer == "rmsprop" else torch.optim.AdamW
+    opt = opt_cls(params, lr=lr, weight_decay=weight_decay)
+    scorer, opt = accelerator.prepare(scorer, opt)
+    device = accelerator.device
+    with accelerator.autocast():
+        check_scorer(scorer, {k: v.to(device) for k, v in collate(examples[:1], pad_id).items()}, policy.config.model_type)
+
+    global_batch = batch_size * grad_accum * world
+    steps = step_batches(len(examples), global_batch, seed, epochs)
+    total, warmup = len(steps), math.ceil(warmup_ratio * len(steps))
+
+    # pi_t: log-probs of the model before its first update, computed once and kept on disk, so a
+    # resumed run (whose weights have moved) reuses them. No second copy of the model is kept.
+    if main_process:
+        os.makedirs(output_dir, exist_ok=True)
+    accelerator.wait_for_everyone()
+    ref_path = os.path.join(output_dir, "ref_logps.pt")
+    checkpoint = _find_checkpoint(output_dir) if resume else None
+    if checkpoint and os.path.exists(ref_path):
+        ref = torch.load(ref_path)
+    else:
+        if checkpoint:
+            raise UserError(f"{output_dir}: a checkpoint but no ref_logps.pt; the reference of this run is lost, start a new run")
+        ref = torch.zeros(len(examples), 2)
+        mine = list(range(accelerator.process_index, len(examples), world))
+        with torch.no_grad(), accelerator.autocast():
+            for s in tqdm(range(0, len(mine), batch_size), desc="reference log-probs", disable=not main_process):
+                idx = mine[s:s + batch_size]
+                logps, _ = scorer(**{k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()})
+                ref[idx] = logps.view(2, -1).T.cpu()
+        ref = accelerator.reduce(ref.to(device), reduction="sum").cpu()  # each row was filled by one process
+        if main_process:
+            torch.save(ref, ref_path + ".tmp")
+            os.replace(ref_path + ".tmp", ref_path)
+
+    metrics_path = os.path.join(output_dir, "metrics.jsonl")
+    start = 0
+    if checkpoint:
+        accelerator.load_state(checkpoint)
+        with open(os.path.join(checkpoint, "step.json")) as f:
+            start = json.load(f)["step"]
+        if main_process and os.path.exists(metrics_path):  # drop steps logged after the checkpoint
+            with open(metrics_path) as f:
+                kept = [ln for ln in f if ln.strip() and ln.endswith("\n") and json.loads(ln)["step"] <= start]
+            with open(metrics_path, "w") as f:
+                f.writelines(kept)
+    if main_process:
+        common.atomic_write_json(os.path.join(output_dir, "run_config.json"), dict(config, **stats))
+        print(f"{stats['pairs']} pairs from {stats['rows']} rows ({stats['skipped_ties']} prompts skipped: all win rates "
+              f"equal; {stats['truncated']} pairs truncated to {max_length} tokens); {total} optimizer steps of "
+              f"{global_batch} pairs on {world} process(es); starting at step {start}")
+
+    log = open(metrics_path, "a") if main_process else None
+    bar = tqdm(total=total, initial=start, desc=f"{loss} training", disable=not main_process)
+    eta = 1.0 / beta
+    for step in range(start, total):
+        t0 = time.time()
+        lr_now = lr_at(step, total, warmup, lr, lr_schedule)
+        for group in opt.param_groups:
+            group["lr"] = lr_now
+        chunks = micro_batches(steps[step], world * grad_accum)
+        n_step = len(steps[step])
+        sums, tokens = torch.zeros(9, device=device), 0.0  # summed over the step's pairs; see `names` below
+        for a in range(grad_accum):
+            idx = chunks[a * world + accelerator.process_index]
+            weight = 1.0
+            if not idx:  # every process must join each backward; this one adds nothing
+                idx, weight = steps[step][:1], 0.0
+            batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
+            with accelerator.no_sync(scorer) if a < grad_accum - 1 else contextlib.nullcontext():
+                with accelerator.autocast():
+                    logps, pooled = scorer(**batch)
+                b = len(idx)
+                ref_w, ref_l = ref[idx, 0].to(device), ref[idx, 1].to(device)
+                win_w = torch.tensor([examples[i]["chosen_winrate"] for i in idx], device=device)
+                win_l = torch.tensor([examples[i]["rejected_winrate"] for i in idx], device=device)
+                pref_loss = preference_loss(logps[:b], logps[b:], ref_w, ref_l, loss_type=loss, beta=beta,
+                                            chosen_winrate=win_w, rejected_winrate=win_l)
+                rep = repulsion_loss(pooled[:b], pooled[b:], rep_margin)
+                per_pair = pref_loss + rep_weight * rep
+                # sum / n_step, times `world` because DDP averages over processes: the step's loss is the
+                # exact mean over its pairs however they are split across processes and micro-steps.
+                accelerator.backward(per_pair.sum() * weight * world / n_step)
+            with torch.no_grad():
+                a_w, a_l = logps[:b] - ref_w, logps[b:] - ref_l
+                if loss == "sppo_hard":
+                    win_w, win_l = torch.ones_like(win_w), torch.zeros_like(win_l)
+                gate = torch.tensor([examples[i]["gate"] for i in idx], device=device)
+                dist = (F.normalize(pooled[:b], dim=-1) - F.normalize(pooled[b:], dim=-1)).norm(dim=-1)
+                sums += weight * torch.stack([per_pair.sum(), pref_loss.sum(), rep.sum(), a_w.sum(), a_l.sum(),
+                                              eta * (win_w - 0.5).sum(), eta * (win_l - 0.5).sum(), gate.sum(), dist.sum()])
+                tokens += float(batch["attention_mask"].sum()) * weight
+        grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sums = accelerator.reduce(sums, reduction="sum") / n_step
+        tokens = accelerator.reduce(torch.as_tensor(tokens, device=device, dtype=torch.float32), reduction="sum")
+        if main_process:
+            names = ["loss", "loss_pref", "loss_rep", "logratio_chosen", "logratio_rejected",
+                     "target_chosen", "target_rejected", "gate_mean", "latent_dist"]
+            record = {"step": step + 1, "epoch": round((step + 1) / (total / epochs), 4),
+                      **{k: float(v) for k, v in zip(names, sums)},
+                      "grad_norm": float(grad_norm), "lr": lr_now, "pairs": n_step,
+                      "tokens_per_s": float(tokens) / (time.time() - t0)}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{record['loss']:.4g}", a_w=f"{record['logratio_chosen']:.3g}",
+                            a_l=f"{record['logratio_rejected']:.3g}")
+        bar.update(1)
+        if save_every and (step + 1) % save_every == 0 and step + 1 < total:
+            _atomic_save_checkpoint(accelerator, output_dir, step + 1)
+    bar.close()
+
+    # The final model: gathered from every engine's shards, saved by the main process as safetensors.
+    accelerator.wait_for_everyone()
+    state = accelerator.get_state_dict(scorer)
+    if main_process:
+        log.close()
+        final = accelerator.unwrap_model(scorer).model
+        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        final.config.use_cache = True
+        final.save_pretrained(output_dir, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(output_dir)
+        if not keep_checkpoint:
+            for name in (CHECKPOINT, CHECKPOINT + ".old"):
+                shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+        summary = dict(stats, steps=total, model=model, data=str(data), loss=loss)
+        common.atomic_write_json(done, summary)
+        print(f"saved {output_dir} ({total} steps; metrics in {metrics_path})")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # gloo can abort at exit otherwise (OFFLINE.md)
+
+
+if __name__ == "__main__":
+    common.cli(main)

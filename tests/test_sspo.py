@@ -1,0 +1,329 @@
+"""sspo.py beyond the loss: data, tokenisation, the scorer, real training runs, DDP, resume, bad input."""
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+import sspo
+from conftest import WORDS, make_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def game(rewards, sims):
+    """pref from rewards (Bradley-Terry), and a symmetric sim with diagonal 1 from a dict {(i, j): s}."""
+    k = len(rewards)
+    pref = [[1 / (1 + math.exp(rewards[j] - rewards[i])) for j in range(k)] for i in range(k)]
+    sim = [[1.0 if i == j else sims.get((min(i, j), max(i, j)), 0.1) for j in range(k)] for i in range(k)]
+    return pref, sim
+
+
+def write_scored(path, n=16, k=4, seed=0):
+    """n prompts of k random-word responses; the oracle prefers longer responses, sim is random."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            responses = [" ".join(rng.choices(WORDS, k=rng.randint(3, 14))) for _ in range(k)]
+            pref, sim = game([len(r.split()) / 3 for r in responses],
+                             {(a, b): round(rng.uniform(0, 0.8), 3) for a in range(k) for b in range(a + 1, k)})
+            f.write(json.dumps({"id": f"p{i}", "prompt": " ".join(rng.choices(WORDS, k=6)), "responses": responses,
+                                "pref": pref, "sim": sim}) + "\n")
+    return path
+
+
+def run_cli(*args, env=None, launcher=(sys.executable,)):
+    return subprocess.run([*launcher, os.path.join(ROOT, "sspo.py"), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})), timeout=600)
+
+
+def load_weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+# ------------------------------------------------------------------------------- pair picking
+
+def test_calibration_changes_the_pair_only_for_sspo(tmp_path):
+    # Response 0 beats 1 by a hair in raw win rate, but 0 is a near-paraphrase of 2 and 3 (sim 0.99),
+    # so calibration pulls 0's wins over them to 1/2; the calibrated winner is 1.
+    pref = [[0.5, 0.45, 1.0, 1.0], [0.55, 0.5, 0.8, 0.8], [0.0, 0.2, 0.5, 0.5], [0.0, 0.2, 0.5, 0.5]]
+    sim = [[1, 0.1, 0.99, 0.99], [0.1, 1, 0.1, 0.1], [0.99, 0.1, 1, 0.1], [0.99, 0.1, 0.1, 1]]
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps({"id": "a", "prompt": "q", "responses": ["r0", "r1", "r2", "r3"], "pref": pref, "sim": sim}) + "\n")
+    raw, _ = sspo.load_pairs(str(path), "sppo", 0.5, 0.9)
+    cal, _ = sspo.load_pairs(str(path), "sspo", 0.5, 0.9)
+    assert (raw[0]["chosen"], raw[0]["rejected"]) == ("r0", "r2")
+    assert (cal[0]["chosen"], cal[0]["rejected"]) == ("r1", "r2")
+    expected = sspo.win_rates(sspo.calibrate(torch.tensor(pref, dtype=torch.float64), torch.tensor(sim, dtype=torch.float64), 0.5, 0.9))
+    assert cal[0]["chosen_winrate"] == pytest.approx(float(expected[1]))
+    assert raw[0]["chosen_winrate"] == pytest.approx(2.95 / 4)
+
+
+def test_ties_are_skipped_and_counted(tmp_path):
+    tie = [[0.5] * 3 for _ in range(3)]
+    pref, sim = game([2, 1, 0], {})
+    path = tmp_path / "s.jsonl"
+    rows = [{"prompt": "a", "responses": ["x", "y", "z"], "pref": tie, "sim": sim},
+            {"prompt": "b", "responses": ["x", "y", "z"], "pref": pref, "sim": sim}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs, stats = sspo.load_pairs(str(path), "sspo", 0.5, 0.9)
+    assert stats == {"rows": 2, "pairs": 1, "skipped_ties": 1}
+    assert (pairs[0]["chosen"], pairs[0]["rejected"]) == ("x", "z")
+
+
+def test_pairs_format_and_its_similarity_gate(tmp_path):
+    path = tmp_path / "p.jsonl"
+    rows = [{"prompt": "a", "chosen": "x", "rejected": "y", "chosen_winrate": 0.9, "rejected_winrate": 0.2, "similarity": 0.7},
+            {"prompt": "b", "chosen": "x", "rejected": "y", "chosen_winrate": 0.9, "rejected_winrate": 0.2}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sppo_pairs, _ = sspo.load_pairs(str(path), "sppo", 0.5, 0.9)
+    sspo_pairs, _ = sspo.load_pairs(str(path), "sspo", 0.5, 0.9)
+    assert [p["chosen_winrate"] for p in sppo_pairs] == [0.9, 0.9]
+    assert sspo_pairs[0]["chosen_winrate"] == pytest.approx(0.5 + 0.5 * 0.4)  # gate 0.5
+    assert sspo_pairs[0]["rejected_winrate"] == pytest.approx(0.5 - 0.5 * 0.3)
+    assert sspo_pairs[1]["chosen_winrate"] == 0.9
+
+
+# ------------------------------------------------------------------------------- tokenisation
+
+def test_scored_tokens_are_exactly_the_responses_tokens(tiny_model_dir):
+    tokenizer = common.load_tokenizer(tiny_model_dir)
+    pairs = [dict(prompt="what is the capital of france ?", chosen="paris is the capital .", rejected="a dog",
+                  chosen_winrate=0.8, rejected_winrate=0.2, gate=0.0)]
+    examples, truncated = sspo.tokenize_pairs(pairs, tokenizer, 256)
+    batch = sspo.collate(examples, tokenizer.pad_token_id)
+    eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for row, text in ((0, "paris is the capital ."), (1, "a dog")):
+        scored = batch["input_ids"][row][batch["response_mask"][row]].tolist()
+        assert scored == tokenizer(text, add_special_tokens=False)["input_ids"] + [eot]
+        prompt = batch["input_ids"][row][:len(examples[0]["prompt_ids"])].tolist()
+        assert prompt == common.prompt_ids(tokenizer, pairs[0]["prompt"])
+        assert tokenizer.decode(prompt).endswith("<|im_start|> assistant")
+    assert truncated == 0
+
+
+def test_no_double_bos(tmp_path):
+    """A Llama-style tokenizer adds BOS itself and its template writes one too: exactly one must remain."""
+    from tokenizers import processors
+
+    tokenizer = make_tokenizer()
+    tokenizer.add_special_tokens({"bos_token": "<s>"})
+    bos = tokenizer.bos_token_id
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos)])
+    tokenizer.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    assert tokenizer("hello")["input_ids"][0] == bos  # the trap is armed
+    ids = common.prompt_ids(tokenizer, "hello")
+    assert ids[0] == bos and ids.count(bos) == 1
+
+
+def test_truncation_keeps_the_prompt_end_and_cuts_responses(tiny_model_dir):
+    tokenizer = common.load_tokenizer(tiny_model_dir)
+    long_prompt, long_answer = " ".join(["the cat"] * 40), " ".join(["a dog"] * 40)
+    pairs = [dict(prompt="hello", chosen=long_answer, rejected="yes", chosen_winrate=1, rejected_winrate=0, gate=0),
+             dict(prompt=long_prompt, chosen="yes", rejected="no", chosen_winrate=1, rejected_winrate=0, gate=0),
+             dict(prompt="hello", chosen="yes", rejected="no", chosen_winrate=1, rejected_winrate=0, gate=0)]
+    examples, truncated = sspo.tokenize_pairs(pairs, tokenizer, 32)
+    assert truncated == 2
+    full = common.prompt_ids(tokenizer, "hello")
+    assert examples[0]["prompt_ids"] == full  # a short prompt stays whole
+    assert len(full) + len(examples[0]["chosen_ids"]) == 32
+    assert examples[0]["chosen_ids"] == tokenizer(long_answer, add_special_tokens=False)["input_ids"][:32 - len(full)]
+    long_ids = common.prompt_ids(tokenizer, long_prompt)
+    assert examples[1]["prompt_ids"] == long_ids[-len(examples[1]["prompt_ids"]):]  # the prompt keeps its end
+    assert len(examples[1]["prompt_ids"]) + len(examples[1]["chosen_ids"]) <= 32
+    assert examples[1]["chosen_ids"][-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert examples[2]["prompt_ids"] == full
+
+
+# ------------------------------------------------------------------------------------ scorer
+
+def test_fast_logps_equal_the_naive_full_logits(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = common.load_tokenizer(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    rng = random.Random(1)
+    pairs = [dict(prompt=" ".join(rng.choices(WORDS, k=rng.randint(2, 12))), chosen=" ".join(rng.choices(WORDS, k=rng.randint(1, 20))),
+                  rejected=" ".join(rng.choices(WORDS, k=rng.randint(1, 20))), chosen_winrate=1, rejected_winrate=0, gate=0)
+             for _ in range(5)]
+    examples, _ = sspo.tokenize_pairs(pairs, tokenizer, 512)
+    batch = sspo.collate(examples, tokenizer.pad_token_id)
+    scorer = sspo.SequenceScorer(model, chunk=7)  # chunks smaller than one response
+    fast, pooled = scorer(**batch)
+    fast.sum().backward()
+    grads_fast = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    naive, _ = scorer(**batch, naive=True)
+    naive.sum().backward()
+    assert torch.allclose(fast, naive, atol=1e-4, rtol=1e-5)
+    for gf, p in zip(grads_fast, model.parameters()):
+        assert torch.allclose(gf, p.grad, atol=1e-5, rtol=1e-4)
+    # each sequence alone gives what it gives in the padded batch (right padding: no position shift)
+    alone, pooled_alone = scorer(**sspo.collate(examples[2:3], tokenizer.pad_token_id))
+    assert torch.allclose(alone, torch.stack([fast[2], fast[7]]).detach(), atol=1e-4)
+    assert torch.allclose(pooled_alone, torch.stack([pooled[2], pooled[7]]).detach(), atol=1e-5)
+    # pooled = mean of the final (normed) hidden states over the response tokens
+    hidden = model.model(input_ids=batch["input_ids"][:1], attention_mask=batch["attention_mask"][:1]).last_hidden_state[0]
+    assert torch.allclose(pooled[0], hidden[batch["response_mask"][0]].mean(0), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ real training
+
+def logratios(model_dir, base_dir, data, loss="sspo"):
+    """Mean log-ratio of chosen and rejected, and mean latent distance, of a trained model vs its start."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = common.load_tokenizer(base_dir)
+    pairs, _ = sspo.load_pairs(str(data), loss, 0.55, 0.95)
+    batch = sspo.collate(sspo.tokenize_pairs(pairs, tokenizer, 512)[0], tokenizer.pad_token_id)
+    out = {}
+    for name, path in (("new", model_dir), ("old", base_dir)):
+        with torch.no_grad():
+            out[name] = sspo.SequenceScorer(AutoModelForCausalLM.from_pretrained(path))(**batch)
+    b = len(pairs)
+    a = out["new"][0] - out["old"][0]
+    dist = lambda pooled: (torch.nn.functional.normalize(pooled[:b], dim=-1) - torch.nn.functional.normalize(pooled[b:], dim=-1)).norm(dim=-1).mean()
+    return float(a[:b].mean()), float(a[b:].mean()), float(dist(out["old"][1])), float(dist(out["new"][1]))
+
+
+def test_training_moves_chosen_above_rejected_and_repulsion_pushes_apart(tiny_model_dir, tmp_path):
+    data = write_scored(tmp_path / "scored.jsonl")
+    common_flags = ["--data", data, "--model", tiny_model_dir, "--lr", "3e-3", "--beta", "0.1", "--batch_size", "4",
+                    "--epochs", "3", "--warmup_ratio", "0", "--optimizer", "adamw", "--save_every", "0"]
+    r = run_cli(*common_flags, "--output_dir", tmp_path / "plain", "--rep_weight", "0")
+    assert r.returncode == 0, r.stderr
+    aw, al, d0, d_plain = logratios(tmp_path / "plain", tiny_model_dir, data)
+    assert aw > 1.0 and al < -1.0, (aw, al)
+    r = run_cli(*common_flags, "--output_dir", tmp_path / "rep", "--rep_weight", "50", "--rep_margin", "2")
+    assert r.returncode == 0, r.stderr
+    _, _, _, d_rep = logratios(tmp_path / "rep", tiny_model_dir, data)
+    assert d_rep > d0 + 0.05 and d_rep > d_plain + 0.05, (d0, d_plain, d_rep)
+    steps = [json.loads(line) for line in open(tmp_path / "rep" / "metrics.jsonl")]
+    assert [s["step"] for s in steps] == list(range(1, 13))
+    assert steps[0]["logratio_chosen"] == pytest.approx(0, abs=1e-4)  # pi_theta = pi_t before the first update
+    assert steps[-1]["latent_dist"] > steps[0]["latent_dist"]
+    for key in ("loss", "loss_pref", "loss_rep", "logratio_rejected", "target_chosen", "target_rejected", "gate_mean",
+                "grad_norm", "lr", "tokens_per_s"):
+        assert math.isfinite(steps[-1][key])
+    # the output is a plain transformers model folder whose weights are the trained ones
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "rep")
+    assert not torch.equal(reloaded.lm_head.weight, AutoModelForCausalLM.from_pretrained(tiny_model_dir).lm_head.weight)
+    config = json.load(open(tmp_path / "rep" / "run_config.json"))
+    assert config["rep_weight"] == 50 and config["pairs"] == 16
+    assert os.path.exists(tmp_path / "rep" / "summary.json")
+
+
+def test_two_processes_give_the_weights_of_one_with_double_batch(tiny_model_dir, tmp_path):
+    data = write_scored(tmp_path / "scored.jsonl", n=11)  # 11: the last step splits unevenly
+    flags = ["--data", data, "--model", tiny_model_dir, "--lr", "1e-3", "--beta", "0.1", "--epochs", "2",
+             "--optimizer", "adamw", "--save_every", "0"]
+    one = run_cli(*flags, "--batch_size", "4", "--output_dir", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    two = run_cli(*flags, "--batch_size", "2", "--output_dir", tmp_path / "two",
+                  launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"))
+    assert two.returncode == 0, two.stderr
+    w1, w2 = load_weights(tmp_path / "one"), load_weights(tmp_path / "two")
+    base = load_weights(tiny_model_dir)
+    assert w1.keys() == w2.keys()
+    moved = max(float((w1[k] - base[k]).abs().max()) for k in w1)
+    assert moved > 1e-3
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-5), k
+    m1 = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")]
+    m2 = [json.loads(x) for x in open(tmp_path / "two" / "metrics.jsonl")]
+    assert [m["pairs"] for m in m1] == [m["pairs"] for m in m2] == [4, 4, 3, 4, 4, 3]
+    assert [m["loss"] for m in m1] == pytest.approx([m["loss"] for m in m2], rel=1e-4)
+
+
+KILL_AFTER_CHECKPOINT = """
+import os, sys, sspo, common
+save = sspo._atomic_save_checkpoint
+def save_then_die(accelerator, output_dir, step):
+    save(accelerator, output_dir, step)
+    if step == {step}:
+        os.kill(os.getpid(), 9)
+sspo._atomic_save_checkpoint = save_then_die
+sys.argv = ["sspo.py"] + sys.argv[1:]
+common.cli(sspo.main)
+"""
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    data = write_scored(tmp_path / "scored.jsonl", n=12)
+    flags = ["--data", data, "--model", tiny_model_dir, "--lr", "1e-3", "--beta", "0.1", "--batch_size", "2",
+             "--epochs", "2", "--save_every", "4"]  # rmsprop (the default): its state must come back too
+    full = run_cli(*flags, "--output_dir", tmp_path / "full")
+    assert full.returncode == 0, full.stderr
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILL_AFTER_CHECKPOINT.format(step=8))
+    killed = subprocess.run([sys.executable, str(killer), *map(str, flags), "--output_dir", str(tmp_path / "res")],
+                            capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert killed.returncode == -9, killed.stderr
+    assert not os.path.exists(tmp_path / "res" / "model.safetensors")
+    again = run_cli(*flags, "--output_dir", tmp_path / "res")
+    assert again.returncode == 2 and "--resume" in again.stderr  # never silently starts over
+    resumed = run_cli(*flags, "--output_dir", tmp_path / "res", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "starting at step 8" in resumed.stdout
+    w_full, w_res = load_weights(tmp_path / "full"), load_weights(tmp_path / "res")
+    for k in w_full:
+        assert torch.allclose(w_full[k], w_res[k], atol=1e-6, rtol=0), k
+    steps = [json.loads(x)["step"] for x in open(tmp_path / "res" / "metrics.jsonl")]
+    assert steps == list(range(1, 13))
+    assert not os.path.exists(tmp_path / "res" / "checkpoint")  # removed once the model is saved
+    done = run_cli(*flags, "--output_dir", tmp_path / "res", "--resume")
+    assert done.returncode == 0 and "already complete" in done.stdout
+    changed = run_cli(*flags[:-1], "5", "--output_dir", tmp_path / "res2", "--resume")
+    assert changed.returncode == 0, changed.stderr  # no run there yet: --resume starts one
+
+
+# --------------------------------------------------------------------------------- bad input
+
+def _bad(tmp_path, text, *flags):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(text)
+    out = tmp_path / "out"
+    with pytest.raises(common.UserError) as e:
+        sspo.main(data=str(path), model="unused", output_dir=str(out), **dict(flags))
+    assert not out.exists()  # nothing written before the data is known to be good
+    return str(e.value)
+
+
+def test_bad_input_names_file_line_and_field(tmp_path):
+    pref, sim = game([1, 0], {})
+    good = json.dumps({"prompt": "q", "responses": ["a", "b"], "pref": pref, "sim": sim}) + "\n"
+    assert _bad(tmp_path, good + "{oops\n").startswith(f"{tmp_path}/bad.jsonl:2: not valid JSON")
+    assert _bad(tmp_path, good + json.dumps({"prompt": "q", "responses": ["a", "b"], "pref": [[0.5, 1]], "sim": sim}) + "\n") \
+        == f"{tmp_path}/bad.jsonl:2: field 'pref': must be a 2 x 2 list of numbers (K = number of responses)"
+    assert "field 'pref': must be constant-sum" in _bad(tmp_path, json.dumps({"prompt": "q", "responses": ["a", "b"], "pref": [[0.5, 0.9], [0.9, 0.5]], "sim": sim}))
+    assert "field 'pref': diagonal must be 1/2" in _bad(tmp_path, json.dumps({"prompt": "q", "responses": ["a", "b"], "pref": [[0, 1], [0, 0]], "sim": sim}))
+    assert "bad.jsonl:1: field 'sim'" in _bad(tmp_path, json.dumps({"prompt": "q", "responses": ["a", "b"], "pref": pref}))
+    assert "bad.jsonl:1: field 'responses'" in _bad(tmp_path, json.dumps({"prompt": "q", "responses": ["a"], "pref": pref, "sim": sim}))
+    assert "bad.jsonl:1: field 'prompt'" in _bad(tmp_path, json.dumps({"responses": ["a", "b"], "pref": pref, "sim": sim}))
+    assert "bad.jsonl:1: field 'chosen_winrate'" in _bad(tmp_path, json.dumps({"prompt": "q", "chosen": "a", "rejected": "b", "chosen_winrate": 2, "rejected_winrate": 0}))
+    assert "bad.jsonl:1: neither a scored row" in _bad(tmp_path, json.dumps({"prompt": "q"}))
+    assert "no usable pair" in _bad(tmp_path, json.dumps({"prompt": "q", "responses": ["a", "b"], "pref": [[0.5, 0.5], [0.5, 0.5]], "sim": sim}))
+    assert "--tau_low must be below --tau_high" in _bad(tmp_path, good, ("tau_low", 0.9), ("tau_high", 0.5))
+    assert "--loss must be one of" in _bad(tmp_path, good, ("loss", "kto"))
+    assert "--beta must be > 0" in _bad(tmp_path, good, ("beta", 0))
+
+
+def test_cli_user_error_is_one_line_and_exit_2(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "q", "chosen": "a"}\n')
+    r = run_cli("--data", path, "--output_dir", tmp_path / "out")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: {path}:1: field 'rejected': must be a string, got NoneType"]
+    r = run_cli("--data", tmp_path / "missing.jsonl")
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {tmp_path}/missing.jsonl: no such file"
+    assert not (tmp_path / "out").exists()
