@@ -103,6 +103,9 @@ def atomic_write_json(path, obj):
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a result file should read like any other
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
         f.write("\n")
@@ -177,12 +180,24 @@ def load_tokenizer(name):
 
 
 def load_causal_lm(name, dtype=None):
-    """(model, tokenizer) for a hub id, a local folder or PACKAGED_MODEL; dtype a torch dtype or None."""
+    """(model, tokenizer) for a hub id, a local folder or PACKAGED_MODEL; dtype a torch dtype or None.
+
+    A folder that holds only a LoRA adapter (peft's adapter_config.json, as `sspo.py --lora_r` writes
+    without --merge) gives its base model with the adapter merged in.
+    """
     from transformers import AutoModelForCausalLM
 
+    path = resolve_model(name)
+    adapter = os.path.isfile(os.path.join(path, "adapter_config.json")) and not os.path.isfile(os.path.join(path, "config.json"))
     tokenizer = load_tokenizer(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype)
+        if adapter:
+            from peft import PeftConfig, PeftModel
+
+            base = AutoModelForCausalLM.from_pretrained(resolve_model(PeftConfig.from_pretrained(path).base_model_name_or_path), dtype=dtype)
+            model = PeftModel.from_pretrained(base, path).merge_and_unload()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model '{name}': {str(e).splitlines()[0]}") from None
     return model, tokenizer

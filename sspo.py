@@ -304,6 +304,14 @@ def disable_dropout(model):
             m.attention_dropout = 0.0
 
 
+def enable_checkpointing(model):
+    """Recompute each decoder layer's activations in the backward pass (non-reentrant: works with LoRA)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 # ============================================================================== the schedule
 
 def lr_at(step, total, warmup, peak, schedule):
@@ -410,7 +418,8 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
          tau_low=0.55, tau_high=0.95, rep_weight=1.0, rep_margin=0.1, lr=5e-7, epochs=1, batch_size=8,
          grad_accum=1, max_length=1024, seed=0, resume=False, save_every=100, optimizer="rmsprop",
          warmup_ratio=0.1, lr_schedule="linear", max_grad_norm=1.0, weight_decay=0.0, mixed_precision=None,
-         gradient_checkpointing=False, logits_chunk=1024, group_by_length=True, keep_checkpoint=False):
+         gradient_checkpointing=False, logits_chunk=1024, group_by_length=True, keep_checkpoint=False,
+         lora_r=0, lora_alpha=16, lora_dropout=0.0, lora_target_modules="all-linear", merge=False, report_to="none"):
     """Train one S-SPPO iteration: the policy starts as --model, which is also the reference pi_t.
 
     Args:
@@ -441,12 +450,26 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
       logits_chunk: response positions per chunk of the LM head (memory of the vocabulary projection)
       group_by_length: batch pairs of similar length together (less padding; the order stays seeded)
       keep_checkpoint: keep the last checkpoint (model + optimizer) after the final model is saved
+      lora_r: LoRA rank (peft); 0 trains every weight
+      lora_alpha: LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)
+      lora_dropout: dropout on the LoRA path
+      lora_target_modules: all-linear (every linear layer of attention and MLP) or a comma-separated list of module names
+      merge: with LoRA, save the merged model in output_dir (and the adapter in output_dir/adapter); else the adapter alone
+      report_to: none | tensorboard | wandb (through accelerate's trackers); metrics.jsonl is always written
     """
     config = {k: v for k, v in locals().items()}
     _check_flags(loss, beta, tau_low, tau_high, rep_weight, rep_margin, lr, epochs, batch_size, grad_accum,
                  max_length, save_every, warmup_ratio, max_grad_norm, optimizer, lr_schedule, mixed_precision)
     if not isinstance(logits_chunk, int) or logits_chunk < 1:
         raise UserError(f"--logits_chunk must be an integer >= 1, got {logits_chunk!r}")
+    if not isinstance(lora_r, int) or lora_r < 0:
+        raise UserError(f"--lora_r must be an integer >= 0 (0: full fine-tuning), got {lora_r!r}")
+    if report_to not in ("none", "tensorboard", "wandb"):
+        raise UserError(f"--report_to must be none, tensorboard or wandb, got {report_to!r}")
+    if isinstance(lora_target_modules, str) and lora_target_modules != "all-linear":
+        lora_target_modules = [m.strip() for m in lora_target_modules.split(",") if m.strip()]
+    elif isinstance(lora_target_modules, (list, tuple)):
+        lora_target_modules = [str(m) for m in lora_target_modules]
     output_dir = str(output_dir)
     done = os.path.join(output_dir, DONE_FILE)
     if os.path.exists(done):
@@ -474,7 +497,8 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
 
     # Several processes and no CUDA (torchrun on CPU): accelerate uses gloo only when told cpu=True.
     cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu_processes)
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu_processes, project_dir=output_dir,
+                              log_with=None if report_to == "none" else report_to)
     main_process, world = accelerator.is_main_process, accelerator.num_processes
     set_seed(seed)
     policy, tokenizer = common.load_causal_lm(model)
@@ -483,7 +507,14 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
     policy.config.use_cache = False
     disable_dropout(policy)
     if gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(policy)
+    if lora_r:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise UserError("--lora_r needs peft: pip install peft") from None
+        policy = get_peft_model(policy, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                                   target_modules=lora_target_modules, task_type="CAUSAL_LM"))
     scorer = SequenceScorer(policy, chunk=logits_chunk)
 
     params = [p for p in scorer.parameters() if p.requires_grad]
@@ -517,7 +548,8 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
         ref = torch.zeros(len(examples), 2)
         mine = list(range(accelerator.process_index, len(examples), world))
         rounds = math.ceil(math.ceil(len(examples) / world) / batch_size)  # equal on every process: engines
-        with torch.no_grad(), accelerator.autocast():                      # may talk inside each forward
+        base_only = accelerator.unwrap_model(scorer).model.disable_adapter() if lora_r else contextlib.nullcontext()
+        with torch.no_grad(), accelerator.autocast(), base_only:           # may talk inside each forward
             for r in tqdm(range(rounds), desc="reference log-probs", disable=not main_process):
                 idx = mine[r * batch_size:(r + 1) * batch_size]
                 logps, _ = scorer(**{k: v.to(device) for k, v in collate([examples[i] for i in idx or [0]], pad_id).items()})
@@ -541,11 +573,13 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
                 f.writelines(kept)
     if main_process:
         common.atomic_write_json(os.path.join(output_dir, "run_config.json"), dict(config, **stats))
+    if report_to != "none":
+        accelerator.init_trackers("sspo", config={k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))})
         print(f"{stats['pairs']} pairs from {stats['rows']} rows ({stats['skipped_ties']} prompts skipped: all win rates "
               f"equal; {stats['truncated']} pairs truncated to {max_length} tokens); {total} optimizer steps of "
               f"{global_batch} pairs on {world} process(es); starting at step {start}")
 
-    log = open(metrics_path, "a") if main_process else None
+    log = open(metrics_path, "a" if checkpoint else "w") if main_process else None  # a fresh start keeps no old steps
     bar = tqdm(total=total, initial=start, desc=f"{loss} training", disable=not main_process)
     eta = 1.0 / beta
     for step in range(start, total):
@@ -599,6 +633,7 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
                       "tokens_per_s": float(tokens) / (time.time() - t0)}
             log.write(json.dumps(record) + "\n")
             log.flush()
+            accelerator.log(record, step=step + 1)
             bar.set_postfix(loss=f"{record['loss']:.4g}", a_w=f"{record['logratio_chosen']:.3g}",
                             a_l=f"{record['logratio_rejected']:.3g}")
         bar.update(1)
@@ -612,9 +647,14 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
     if main_process:
         log.close()
         final = accelerator.unwrap_model(scorer).model
-        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         final.config.use_cache = True
-        final.save_pretrained(output_dir, state_dict=state, safe_serialization=True)
+        if lora_r:  # peft's own format: adapter_config.json + adapter_model.safetensors
+            final.save_pretrained(os.path.join(output_dir, "adapter") if merge else output_dir)
+            if merge:
+                final.merge_and_unload().save_pretrained(output_dir, safe_serialization=True)
+        else:
+            state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+            final.save_pretrained(output_dir, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(output_dir)
         if not keep_checkpoint:
             for name in (CHECKPOINT, CHECKPOINT + ".old"):

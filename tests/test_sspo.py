@@ -352,3 +352,18 @@ def test_cli_user_error_is_one_line_and_exit_2(tmp_path):
     r = run_cli("--data", tmp_path / "missing.jsonl")
     assert r.returncode == 2 and r.stderr.strip() == f"error: {tmp_path}/missing.jsonl: no such file"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_packaged_smollm2_trains_and_its_output_loads(tmp_path):
+    """The default model end to end: `make demo`'s command on the built-in pairs (about 2 min on 2 cores)."""
+    r = run_cli("--data", os.path.join(ROOT, "data", "demo_pairs.jsonl"), "--output_dir", tmp_path / "demo",
+                "--batch_size", "2", "--max_length", "256", "--lr", "1e-6", "--beta", "0.01")
+    assert r.returncode == 0, r.stderr
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "demo")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "demo")
+    assert model.config.model_type == "llama" and tokenizer.chat_template
+    steps = [json.loads(x) for x in open(tmp_path / "demo" / "metrics.jsonl")]
+    assert len(steps) == 4 and all(math.isfinite(s["loss"]) for s in steps)
