@@ -259,6 +259,17 @@ class SequenceScorer(torch.nn.Module):
         self.model, self.chunk = model, chunk
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
 
+    # What engines look for on the module they wrap: FSDP re-ties embeddings after meta-device loading,
+    # and auto-wrap policies find the embeddings and the head.
+    def tie_weights(self):
+        return self.model.tie_weights()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.model.get_output_embeddings()
+
     def forward(self, input_ids, attention_mask, response_mask, naive=False):
         if naive:  # the model's own full-vocabulary logits: the yardstick of the fast path (check_scorer, tests)
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
@@ -498,10 +509,13 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
     # Several processes and no CUDA (torchrun on CPU): accelerate uses gloo only when told cpu=True.
     cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu_processes, project_dir=output_dir,
-                              log_with=None if report_to == "none" else report_to)
+                              gradient_accumulation_steps=grad_accum, log_with=None if report_to == "none" else report_to)
     main_process, world = accelerator.is_main_process, accelerator.num_processes
     set_seed(seed)
-    policy, tokenizer = common.load_causal_lm(model)
+    # Full fine-tuning keeps fp32 weights (bf16 weights would swallow lr-5e-7 updates; autocast gives the
+    # bf16 speed); a frozen LoRA base may stay in the half precision it computes in.
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    policy, tokenizer = common.load_causal_lm(model, dtype=half if lora_r and half else torch.float32)
     examples, stats["truncated"] = tokenize_pairs(pairs, tokenizer, max_length)
     pad_id = tokenizer.pad_token_id
     policy.config.use_cache = False
@@ -571,10 +585,10 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
                 kept = [ln for ln in f if ln.strip() and ln.endswith("\n") and json.loads(ln)["step"] <= start]
             with open(metrics_path, "w") as f:
                 f.writelines(kept)
-    if main_process:
-        common.atomic_write_json(os.path.join(output_dir, "run_config.json"), dict(config, **stats))
     if report_to != "none":
         accelerator.init_trackers("sspo", config={k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))})
+    if main_process:
+        common.atomic_write_json(os.path.join(output_dir, "run_config.json"), dict(config, **stats))
         print(f"{stats['pairs']} pairs from {stats['rows']} rows ({stats['skipped_ties']} prompts skipped: all win rates "
               f"equal; {stats['truncated']} pairs truncated to {max_length} tokens); {total} optimizer steps of "
               f"{global_batch} pairs on {world} process(es); starting at step {start}")
@@ -596,7 +610,7 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
             if not idx:  # every process must join each backward; this one adds nothing
                 idx, weight = steps[step][:1], 0.0
             batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
-            with accelerator.no_sync(scorer) if a < grad_accum - 1 else contextlib.nullcontext():
+            with accelerator.accumulate(scorer):  # syncs gradients (DeepSpeed: steps) on the last micro-step only
                 with accelerator.autocast():
                     logps, pooled = scorer(**batch)
                 b = len(idx)
@@ -607,9 +621,10 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
                                             chosen_winrate=win_w, rejected_winrate=win_l)
                 rep = repulsion_loss(pooled[:b], pooled[b:], rep_margin)
                 per_pair = pref_loss + rep_weight * rep
-                # sum / n_step, times `world` because DDP averages over processes: the step's loss is the
-                # exact mean over its pairs however they are split across processes and micro-steps.
-                accelerator.backward(per_pair.sum() * weight * world / n_step)
+                # sum / n_step, times `world` because DDP averages over processes and times grad_accum
+                # because accelerate divides by it: the step's loss is the exact mean over its pairs
+                # however they are split across processes and micro-steps.
+                accelerator.backward(per_pair.sum() * weight * world * grad_accum / n_step)
             with torch.no_grad():
                 a_w, a_l = logps[:b] - ref_w, logps[b:] - ref_l
                 if loss == "sppo_hard":
@@ -629,7 +644,7 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
                      "target_chosen", "target_rejected", "gate_mean", "latent_dist"]
             record = {"step": step + 1, "epoch": round((step + 1) / (total / epochs), 4),
                       **{k: float(v) for k, v in zip(names, sums)},
-                      "grad_norm": float(grad_norm), "lr": lr_now, "pairs": n_step,
+                      "grad_norm": float("nan") if grad_norm is None else float(grad_norm), "lr": lr_now, "pairs": n_step,
                       "tokens_per_s": float(tokens) / (time.time() - t0)}
             log.write(json.dumps(record) + "\n")
             log.flush()
@@ -648,12 +663,16 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
         log.close()
         final = accelerator.unwrap_model(scorer).model
         final.config.use_cache = True
-        if lora_r:  # peft's own format: adapter_config.json + adapter_model.safetensors
-            final.save_pretrained(os.path.join(output_dir, "adapter") if merge else output_dir)
-            if merge:
-                final.merge_and_unload().save_pretrained(output_dir, safe_serialization=True)
+        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        if lora_r:  # peft's own format (adapter_config.json + adapter_model.safetensors), from the gathered state
+            adapter_dir = os.path.join(output_dir, "adapter") if merge else output_dir
+            final.save_pretrained(adapter_dir, state_dict=state)
+            if merge:  # onto a fresh fp32 copy of the base: the trained one may be sharded or half precision
+                from peft import PeftModel
+
+                base, _ = common.load_causal_lm(model, dtype=torch.float32)
+                PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().save_pretrained(output_dir)
         else:
-            state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
             final.save_pretrained(output_dir, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(output_dir)
         if not keep_checkpoint:

@@ -247,7 +247,7 @@ def test_training_moves_chosen_above_rejected_and_repulsion_pushes_apart(tiny_mo
     assert os.path.exists(tmp_path / "rep" / "summary.json")
 
 
-def test_two_processes_give_the_weights_of_one_with_double_batch(tiny_model_dir, tmp_path):
+def test_two_processes_and_grad_accum_give_the_weights_of_one_with_double_batch(tiny_model_dir, tmp_path):
     data = write_scored(tmp_path / "scored.jsonl", n=9)  # 9: a last step of 1 pair leaves one process empty
     flags = ["--data", data, "--model", tiny_model_dir, "--lr", "1e-3", "--beta", "0.1", "--epochs", "2",
              "--optimizer", "adamw", "--save_every", "0"]
@@ -256,7 +256,11 @@ def test_two_processes_give_the_weights_of_one_with_double_batch(tiny_model_dir,
     two = run_cli(*flags, "--batch_size", "2", "--output_dir", tmp_path / "two",
                   launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"))
     assert two.returncode == 0, two.stderr
+    accum = run_cli(*flags, "--batch_size", "2", "--grad_accum", "2", "--output_dir", tmp_path / "accum")
+    assert accum.returncode == 0, accum.stderr
     w1, w2 = load_weights(tmp_path / "one"), load_weights(tmp_path / "two")
+    for k, v in load_weights(tmp_path / "accum").items():
+        assert torch.allclose(w1[k], v, atol=1e-5), k  # 2 micro-steps of 2 = one step of 4
     base = load_weights(tiny_model_dir)
     assert w1.keys() == w2.keys()
     moved = max(float((w1[k] - base[k]).abs().max()) for k in w1)
