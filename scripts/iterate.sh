@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# S-SPPO self-play: ITERS iterations of  generate -> oracle -> sspo  (-> evaluate on held-out prompts
+# against the base model). Iteration t's trained model is iteration t+1's policy and reference.
+#
+#   bash scripts/iterate.sh                                    # the scripts' own defaults, 3 iterations
+#   ORACLE=rule ITERS=1 K=4 OUT=runs/demo bash scripts/iterate.sh --lr 1e-6 --beta 0.01
+#   LAUNCH="accelerate launch --config_file configs/ds.yaml" MODEL=meta-llama/Meta-Llama-3-8B-Instruct \
+#     ORACLE=pairrm bash scripts/iterate.sh
+#
+# Settings (environment variables; an unset one passes no flag, so the script's own default applies):
+#   MODEL          base model: iteration 1's policy, and the reference of every evaluation
+#   PROMPTS        training prompts; "{iter}" in it becomes the iteration number (SPPO's one split per iteration)
+#   HELDOUT        held-out prompts for evaluation (default data/demo_heldout.jsonl; "none": no evaluation)
+#   K              responses per prompt;  MAX_NEW_TOKENS  longest response (training and evaluation)
+#   ITERS          iterations (default 3);  SEED  base seed (default 0; iteration t samples with SEED + t)
+#   LOSS           sspo | sppo | sppo_hard | dpo | ipo
+#   ORACLE, ORACLE_MODEL, EMBEDDER   the judge (training and evaluation) and the similarity encoder
+#   OUT            output folder (default runs/iterate)
+#   PYTHON         interpreter (default .venv/bin/python where it exists, else python)
+#   LAUNCH         prefix for generate.py and sspo.py on several devices, e.g. "accelerate launch ...";
+#                  oracle.py and evaluate.py run as one process
+#   GENERATE_ARGS, ORACLE_ARGS, SSPO_ARGS, EVAL_ARGS   extra flags per script (split on spaces);
+#                  arguments after the script name go to sspo.py as well.
+#
+# Layout: OUT/base_heldout.jsonl, OUT/iter<t>/{responses.jsonl, scored.jsonl, model/, heldout.jsonl,
+# report.json}, OUT/plot.png. A stage writes <output>.done after it succeeds; a re-run skips every
+# stage whose output and marker exist, and resumes the one that was killed (generate.py and oracle.py
+# append what is missing, sspo.py --resume continues from its checkpoint). Once a stage has run, every
+# stage made from its output is redone from scratch. Delete a stage's output to redo it and what follows.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
+fi
+MODEL="${MODEL:-}"
+PROMPTS="${PROMPTS:-}"
+HELDOUT="${HELDOUT:-data/demo_heldout.jsonl}"
+K="${K:-}"
+MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-}"
+ITERS="${ITERS:-3}"
+SEED="${SEED:-0}"
+LOSS="${LOSS:-}"
+ORACLE="${ORACLE:-}"
+ORACLE_MODEL="${ORACLE_MODEL:-}"
+EMBEDDER="${EMBEDDER:-}"
+OUT="${OUT:-runs/iterate}"
+launch=("$PYTHON")
+if [[ -n "${LAUNCH:-}" ]]; then read -r -a launch <<< "$LAUNCH"; fi
+read -r -a generate_args <<< "${GENERATE_ARGS:-}"
+read -r -a oracle_args <<< "${ORACLE_ARGS:-}"
+read -r -a sspo_args <<< "${SSPO_ARGS:-}"
+read -r -a eval_args <<< "${EVAL_ARGS:-}"
+
+if ! [[ "$ITERS" =~ ^[0-9]+$ && "$ITERS" -ge 1 ]]; then
+  echo "error: ITERS must be a whole number >= 1, got '$ITERS'" >&2
+  exit 2
+fi
+
+# flag NAME VALUE: print "--NAME" and "VALUE" on two lines when VALUE is set (for mapfile).
+flag() {
+  if [[ -n "$2" ]]; then printf -- '--%s\n%s\n' "$1" "$2"; fi
+}
+
+# run_stage STALE OUTPUT COMMAND...: skip when OUTPUT and OUTPUT.done exist and STALE is 0; otherwise
+# (STALE=1: its inputs were just remade, so OUTPUT is removed first) run COMMAND, then mark OUTPUT.done.
+# Sets RAN to 1 when the command ran, 0 when skipped.
+run_stage() {
+  local stale="$1" output="$2"
+  shift 2
+  if [[ "$stale" == 0 && -e "$output" && -e "$output.done" ]]; then
+    echo "== skip, already done: $output"
+    RAN=0
+    return 0
+  fi
+  if [[ "$stale" == 1 ]]; then
+    rm -rf "$output"
+  fi
+  rm -f "$output.done"
+  echo "== $*"
+  "$@"
+  touch "$output.done"
+  RAN=1
+}
+
+mkdir -p "$OUT"
+mapfile -t judge < <(flag oracle "$ORACLE"; flag oracle_model "$ORACLE_MODEL")
+mapfile -t sampling < <(flag max_new_tokens "$MAX_NEW_TOKENS")
+
+evaluating=1
+if [[ "$HELDOUT" == none ]]; then evaluating=0; fi
+base_stale=0
+if [[ "$evaluating" == 1 ]]; then
+  mapfile -t base_model < <(flag model "$MODEL")
+  run_stage 0 "$OUT/base_heldout.jsonl" "${launch[@]}" generate.py "${base_model[@]}" --prompts "$HELDOUT" \
+    --out "$OUT/base_heldout.jsonl" --k 1 --seed "$SEED" "${sampling[@]}" "${generate_args[@]}"
+  base_stale="$RAN"
+fi
+
+model="$MODEL"
+stale=0  # 1 once a stage of the training chain has run: everything after it is remade
+for ((t = 1; t <= ITERS; t++)); do
+  dir="$OUT/iter$t"
+  mkdir -p "$dir"
+  prompts="${PROMPTS//'{iter}'/$t}"
+  mapfile -t policy < <(flag model "$model")
+  mapfile -t gen_opts < <(flag prompts "$prompts"; flag k "$K")
+  mapfile -t train_opts < <(flag loss "$LOSS")
+  mapfile -t embed_opts < <(flag embedder "$EMBEDDER")
+
+  run_stage "$stale" "$dir/responses.jsonl" "${launch[@]}" generate.py "${policy[@]}" "${gen_opts[@]}" \
+    --out "$dir/responses.jsonl" --seed "$((SEED + t))" "${sampling[@]}" "${generate_args[@]}"
+  stale=$((stale | RAN))
+  run_stage "$stale" "$dir/scored.jsonl" "$PYTHON" oracle.py --data "$dir/responses.jsonl" --out "$dir/scored.jsonl" \
+    "${judge[@]}" "${embed_opts[@]}" "${oracle_args[@]}"
+  stale=$((stale | RAN))
+  run_stage "$stale" "$dir/model" "${launch[@]}" sspo.py --data "$dir/scored.jsonl" "${policy[@]}" \
+    --output_dir "$dir/model" --resume --seed "$((SEED + t))" "${train_opts[@]}" "${sspo_args[@]}" "$@"
+  stale=$((stale | RAN))
+  model="$dir/model"
+
+  if [[ "$evaluating" == 1 ]]; then
+    run_stage "$stale" "$dir/heldout.jsonl" "${launch[@]}" generate.py --model "$model" --prompts "$HELDOUT" \
+      --out "$dir/heldout.jsonl" --k 1 --seed "$SEED" "${sampling[@]}" "${generate_args[@]}"
+    run_stage "$((stale | RAN | base_stale))" "$dir/report.json" "$PYTHON" evaluate.py \
+      --outputs "$dir/heldout.jsonl" --references "$OUT/base_heldout.jsonl" --out "$dir/report.json" \
+      "${judge[@]}" "${eval_args[@]}"
+  fi
+done
+
+if [[ "$evaluating" == 1 ]]; then
+  reports=()
+  for ((t = 1; t <= ITERS; t++)); do reports+=("$OUT/iter$t/report.json"); done
+  "$PYTHON" evaluate.py --plot "$(IFS=,; echo "${reports[*]}")" --plot_out "$OUT/plot.png"
+  echo "== iteration $ITERS against the base model on $HELDOUT:"
+  "$PYTHON" -c 'import json, sys; r = json.load(open(sys.argv[1])); print(json.dumps({k: r[k] for k in
+    ("n", "win_rate", "standard_error", "lc_win_rate", "discrete_win_rate")}, indent=1))' "$OUT/iter$ITERS/report.json"
+  echo "== report: $OUT/iter$ITERS/report.json  plot: $OUT/plot.png  model: $model"
+else
+  echo "== model: $model"
+fi
