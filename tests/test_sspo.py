@@ -267,6 +267,7 @@ def test_two_processes_and_grad_accum_give_the_weights_of_one_with_double_batch(
     assert moved > 1e-3
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=1e-5), k
+    assert json.load(open(tmp_path / "one" / "run_config.json"))["rep_weight_used"] == pytest.approx(50)  # 5 / beta
     m1 = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")]
     m2 = [json.loads(x) for x in open(tmp_path / "two" / "metrics.jsonl")]
     assert [m["pairs"] for m in m1] == [m["pairs"] for m in m2]

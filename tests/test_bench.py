@@ -1,0 +1,84 @@
+"""bench/: the GPU script on its tiny CPU shape, and the pieces of the sspo.py-vs-TRL benchmark."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+import sspo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_bench(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_script_runs_tiny_on_cpu(tmp_path):
+    gpu = load_bench("gpu")
+    out = tmp_path / "gpu.json"
+    report = gpu.run(tiny=True, out=str(out))
+    assert json.loads(out.read_text())["params"] == report["params"]
+    assert [r["gradient_checkpointing"] for r in report["train"]] == [False, True]
+    for r in report["train"]:
+        assert r["tokens_per_s"] > 0 and r["ref_tokens_per_s"] > 0 and r["mfu"] > 0 and r["peak_memory_gib"] > 0
+        # step 0: pi_theta = pi_t, so a = 0 and the sspo loss is eta^2 ((3/4 - 1/2)^2 + (3/10 - 1/2)^2) + a repulsion
+        # <= 0.1 (up to float32 rounding of numbers near 1e5)
+        assert r["first_loss"] == pytest.approx(102500, abs=0.2)
+        assert r["last_loss"] < r["first_loss"]  # the steps train
+    g = report["generation"]
+    assert 0 < g["new_tokens"] <= g["prompts"] * g["k"] * g["max_new_tokens"] and g["new_tokens_per_s"] > 0
+
+
+def test_gpu_flop_count_matches_a_hand_count():
+    gpu = load_bench("gpu")
+    tokenizer = gpu.make_tokenizer(512)
+    shape = dict(gpu.TINY)
+    model = gpu.make_model(shape, tokenizer, "cpu")
+    d, f, L, v, kv = shape["hidden"], shape["intermediate"], shape["layers"], shape["vocab"], shape["kv_heads"]
+    head_dim = d // shape["heads"]
+    body = L * (2 * d * d + 2 * d * kv * head_dim + 3 * d * f)
+    step, ref = gpu.useful_flops(model, tokens=100, response_tokens=60, seq_len=50)
+    assert ref == 2 * body * 100 + 2 * v * d * 60 + 4 * L * d * 100 * 25 and step == 3 * ref
+
+
+def test_vs_trl_work_is_valid_and_sized(tmp_path):
+    vs = load_bench("vs_trl")
+    tokenizer, words, weights = vs.make_tokenizer(str(tmp_path), vocab_size=2048)
+    assert tokenizer.chat_template and len(tokenizer) == 2048
+    path = str(tmp_path / "scored.jsonl")
+    vs.make_scored(path, tokenizer, words, weights, prompts=6)
+    pairs, stats = sspo.load_pairs(path, "sppo_hard", 0.55, 0.95)  # validates pref (constant-sum, P_ii = 1/2)
+    sspo.load_pairs(path, "sspo", 0.55, 0.95)  # and sim (symmetric, in [-1, 1])
+    assert stats["pairs"] == 6
+    for row in map(json.loads, open(path)):
+        assert len(row["responses"]) == 4
+        for r in row["responses"]:
+            assert 96 <= len(tokenizer(r, add_special_tokens=False)["input_ids"]) <= 160 + 4
+        assert 56 <= len(tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]) <= 72 + 4
+
+
+def test_vs_trl_markdown_section_is_replaced_not_appended(tmp_path):
+    vs = load_bench("vs_trl")
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Benchmarks\n\n## other\nkeep me\n")
+    vs.write_markdown(str(md), "## sspo.py vs TRL DPOTrainer\nfirst\n")
+    vs.write_markdown(str(md), "## sspo.py vs TRL DPOTrainer\nsecond\n")
+    text = md.read_text()
+    assert "keep me" in text and "second" in text and "first" not in text and text.count(vs.MD_BEGIN) == 1
+
+
+@pytest.mark.slow
+def test_trl_tokenises_the_pairs_as_sspo_does(tmp_path):
+    """The benchmark's premise: TRL's conversational tokenisation gives sspo.py's token ids, pair by pair."""
+    pytest.importorskip("trl")
+    vs = load_bench("vs_trl")
+    built = vs.build_work(str(tmp_path / "work"), prompts=4, max_length=512)
+    cfg = dict(model=built["model"], scored=built["scored"], beta=1e-3, lr=5e-7, batch_size=2, epochs=1, max_length=512,
+               trl_precompute=False, trl_sampling="sequential")
+    record = vs.child_trl(str(tmp_path / "work"), str(tmp_path / "trl"), cfg)
+    assert record["same_token_ids"] == 4 and record["steps"] == 2
+    assert record["first_step_loss"] == pytest.approx(0.5 / 1e-3 ** 2)  # sppo_hard at step 0: 2 (eta/2)^2
