@@ -83,14 +83,17 @@ class JsonlAppender:
                 self.done.add(obj.get(id_field))
         else:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.file = open(path, "a", encoding="utf-8")
+        self.file = None  # opened at the first write: a run that fails before it leaves no empty file
 
     def write(self, obj):
+        if self.file is None:
+            self.file = open(self.path, "a", encoding="utf-8")
         self.file.write(json.dumps(obj, ensure_ascii=False) + "\n")
         self.file.flush()
 
     def close(self):
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
     def __enter__(self):
         return self
