@@ -217,21 +217,66 @@ def tokenize_pairs(pairs, tokenizer, max_length):
     return examples, truncated
 
 
-def collate(examples, pad_id):
-    """Chosen rows then rejected rows of the same pairs, right-padded (so positions need no ids).
+def collate(examples, pad_id, share_prompt=False):
+    """A batch of B pairs as 2B scored sequences: the B chosen (0..B-1), then the B rejected (B..2B-1).
 
-    Returns input_ids, attention_mask and response_mask (N = 2B, T); response_mask marks response tokens.
+    Plain layout: 2B right-padded rows prompt+response and a 2-D attention mask.
+    Shared-prompt layout (share_prompt): B rows prompt+chosen+rejected, so each prompt is computed
+    once. A 4-D mask (True: may attend) lets the rejected tokens see the prompt and each other but
+    not the chosen ones, and position ids restart the rejected response right after the prompt: each
+    response is scored as in a row of its own (tests check log-probs, pooled states and gradients).
+    Besides input_ids, attention_mask (and position_ids): for every response token its row
+    (resp_row), its position (resp_pos), the position whose hidden state predicts it (resp_pred),
+    its sequence (resp_seq); and each sequence's response length (resp_len).
     """
-    seqs = [(e["prompt_ids"], e[side]) for side in ("chosen_ids", "rejected_ids") for e in examples]
-    width = max(len(p) + len(r) for p, r in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    response_mask = torch.zeros((len(seqs), width), dtype=torch.bool)
-    for i, (p, r) in enumerate(seqs):
-        input_ids[i, :len(p) + len(r)] = torch.tensor(p + r)
-        attention_mask[i, :len(p) + len(r)] = 1
-        response_mask[i, len(p):len(p) + len(r)] = True
-    return dict(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask)
+    b = len(examples)
+    rows = ([e["prompt_ids"] + e["chosen_ids"] + e["rejected_ids"] for e in examples] if share_prompt else
+            [e["prompt_ids"] + e[side] for side in ("chosen_ids", "rejected_ids") for e in examples])
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, :len(r)] = torch.tensor(r)
+    resp = {k: [] for k in ("resp_row", "resp_pos", "resp_pred", "resp_seq")}
+
+    def add(row, start, pred_start, n, seq):  # response tokens at start..start+n-1 of `row`
+        resp["resp_row"] += [row] * n
+        resp["resp_pos"] += range(start, start + n)
+        resp["resp_pred"] += [pred_start] + list(range(start, start + n - 1))
+        resp["resp_seq"] += [seq] * n
+
+    lengths = [len(e[side]) for side in ("chosen_ids", "rejected_ids") for e in examples]
+    if not share_prompt:
+        for i, e in enumerate(examples * 2):
+            p = len(e["prompt_ids"])
+            add(i, p, p - 1, lengths[i], i)
+        attention_mask = (torch.arange(width)[None] < torch.tensor([len(r) for r in rows])[:, None]).long()
+        batch = dict(input_ids=input_ids, attention_mask=attention_mask)
+    else:
+        branch = torch.full((b, width), -1, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, -1 padding
+        position_ids = torch.zeros((b, width), dtype=torch.long)
+        for i, e in enumerate(examples):
+            p, c, r = len(e["prompt_ids"]), len(e["chosen_ids"]), len(e["rejected_ids"])
+            branch[i, :p + c + r] = torch.tensor([0] * p + [1] * c + [2] * r)
+            position_ids[i, :p + c + r] = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])
+            add(i, p, p - 1, c, i)
+            add(i, p + c, p - 1, r, b + i)  # the rejected response is predicted from the prompt's end too
+        real = branch >= 0
+        sees = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])  # [row, query, key]
+        mask = sees & real[:, None, :] & real[:, :, None] & torch.ones(width, width, dtype=torch.bool).tril()
+        mask |= torch.eye(width, dtype=torch.bool) & ~real[:, :, None]  # a padding query sees itself: no NaN
+        batch = dict(input_ids=input_ids, attention_mask=mask[:, None], position_ids=position_ids)
+    batch.update({k: torch.tensor(v, dtype=torch.long) for k, v in resp.items()})
+    batch["resp_len"] = torch.tensor(lengths, dtype=torch.long)
+    return batch
+
+
+def can_share_prompt(config, max_length):
+    """Whether the model's attention takes sspo.py's 4-D mask as given: sdpa or eager attention, every
+    layer full attention (or a sliding window no shorter than max_length). check_scorer confirms it."""
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    full = kinds <= {"full_attention"} or (kinds <= {"full_attention", "sliding_attention"} and window and max_length <= window)
+    return getattr(config, "_attn_implementation", None) in ("sdpa", "eager") and (not window or max_length <= window) and bool(full)
 
 
 # ================================================================================= the model
@@ -246,7 +291,7 @@ def _chunk_logps(lm_head, hidden, targets, softcap):
 class SequenceScorer(torch.nn.Module):
     """One forward pass of a causal LM that returns, per sequence, what the loss needs.
 
-    forward(input_ids, attention_mask, response_mask) -> (logps (N,), pooled (N, D)):
+    forward(**collate(...)) -> (logps (N,), pooled (N, D)) for the batch's N = 2B sequences:
     logps: log-probs of the response tokens summed over the response; pooled: the last hidden
     state (after the final norm) averaged over the response tokens (METHOD.md §3.2). The LM head
     runs on response positions only, `chunk` rows at a time, recomputed in the backward pass, so no
@@ -270,15 +315,22 @@ class SequenceScorer(torch.nn.Module):
     def get_output_embeddings(self):
         return self.model.get_output_embeddings()
 
-    def forward(self, input_ids, attention_mask, response_mask, naive=False):
+    def forward(self, input_ids, attention_mask, resp_row, resp_pos, resp_pred, resp_seq, resp_len,
+                position_ids=None, naive=False):
+        if attention_mask.dim() == 4 and self.model.config._attn_implementation == "eager":
+            attention_mask = torch.zeros(attention_mask.shape, device=attention_mask.device).masked_fill(
+                ~attention_mask, torch.finfo(torch.float32).min)  # eager attention adds its mask to the scores
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask)
+        if position_ids is not None:
+            inputs["position_ids"] = position_ids
+        targets = input_ids[resp_row, resp_pos]
+        n = len(resp_len)
         if naive:  # the model's own full-vocabulary logits: the yardstick of the fast path (check_scorer, tests)
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-            token = logits[:, :-1].log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-            return (token * response_mask[:, 1:]).sum(-1), None
-        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        predicts = response_mask[:, 1:]  # position t predicts token t+1
-        h, targets = hidden[:, :-1][predicts], input_ids[:, 1:][predicts]
-        row = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(predicts)[predicts]
+            logits = self.model(**inputs).logits.float()[resp_row, resp_pred]
+            token_logps = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+            return torch.zeros(n, device=logits.device).index_add(0, resp_seq, token_logps), None
+        hidden = self.model.get_decoder()(**inputs).last_hidden_state
+        h = hidden[resp_row, resp_pred]
         head = self.model.get_output_embeddings()
         parts = []
         for s in range(0, len(h), self.chunk):
@@ -288,22 +340,39 @@ class SequenceScorer(torch.nn.Module):
             else:
                 parts.append(_chunk_logps(*args))
         token_logps = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
-        logps = torch.zeros(len(input_ids), dtype=torch.float32, device=h.device).index_add(0, row, token_logps)
-        mask = response_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return logps, pooled.float()
+        logps = torch.zeros(n, dtype=torch.float32, device=h.device).index_add(0, resp_seq, token_logps)
+        own = hidden[resp_row, resp_pos].float()  # pooled over the response's own tokens
+        pooled = torch.zeros(n, own.shape[-1], device=h.device).index_add(0, resp_seq, own)
+        return logps, pooled / resp_len.clamp(min=1)[:, None]
 
 
-def check_scorer(scorer, batch, model_type, low_precision=False):
-    """Fail loudly if the response-only LM head disagrees with the model's own logits (an exotic head)."""
-    with torch.no_grad():
-        fast, _ = scorer(**batch)
-        full, _ = scorer(**batch, naive=True)
+def check_scorer(scorer, examples, pad_id, device, model_type, share_prompt=False, strict=False, low_precision=False):
+    """Fail loudly if the fast scorer disagrees with the model's own logits on separate rows (an exotic
+    head); with share_prompt, try the shared-prompt layout against them too. Returns whether that
+    layout may be used; when it disagrees: an error if strict (the user asked for it), else False.
+    """
+    def run(share, naive=False):
+        return scorer(**{k: v.to(device) for k, v in collate(examples, pad_id, share).items()}, naive=naive)
+
     rtol, atol = (3e-2, 0.5) if low_precision else (1e-3, 1e-2)
-    if not torch.allclose(fast, full, rtol=rtol, atol=atol):
-        raise UserError(f"model type {model_type!r}: the response-only LM head gives {fast.tolist()} but the "
-                        f"model's own forward gives {full.tolist()}; sspo.py does not reproduce how this "
-                        "architecture transforms its logits")
+    with torch.no_grad():
+        full, _ = run(False, naive=True)
+        fast, pooled = run(False)
+        if not torch.allclose(fast, full, rtol=rtol, atol=atol):
+            raise UserError(f"model type {model_type!r}: the response-only LM head gives {fast.tolist()} but the "
+                            f"model's own forward gives {full.tolist()}; sspo.py does not reproduce how this "
+                            "architecture transforms its logits")
+        if not share_prompt:
+            return False
+        shared, shared_pooled = run(True)
+    if torch.allclose(shared, full, rtol=rtol, atol=atol) and torch.allclose(shared_pooled, pooled, rtol=rtol, atol=atol / 10):
+        return True
+    if strict:
+        raise UserError(f"model type {model_type!r}: with the prompt shared by chosen and rejected (a 4-D attention "
+                        f"mask) the log-probs are {shared.tolist()}, on separate rows {full.tolist()}; this model's "
+                        "attention does not take the mask as given: run with --share_prompt False")
+    print(f"model type {model_type!r} does not reproduce separate rows with a shared prompt: chosen and rejected run apart")
+    return False
 
 
 def disable_dropout(model):
@@ -430,7 +499,8 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
          grad_accum=1, max_length=1024, seed=0, resume=False, save_every=100, optimizer="rmsprop",
          warmup_ratio=0.1, lr_schedule="linear", max_grad_norm=1.0, weight_decay=0.0, mixed_precision=None,
          gradient_checkpointing=False, logits_chunk=1024, group_by_length=True, keep_checkpoint=False,
-         lora_r=0, lora_alpha=16, lora_dropout=0.0, lora_target_modules="all-linear", merge=False, report_to="none"):
+         lora_r=0, lora_alpha=16, lora_dropout=0.0, lora_target_modules="all-linear", merge=False, report_to="none",
+         share_prompt=None):
     """Train one S-SPPO iteration: the policy starts as --model, which is also the reference pi_t.
 
     Args:
@@ -467,6 +537,7 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
       lora_target_modules: all-linear (every linear layer of attention and MLP) or a comma-separated list of module names
       merge: with LoRA, save the merged model in output_dir (and the adapter in output_dir/adapter); else the adapter alone
       report_to: none | tensorboard | wandb (through accelerate's trackers); metrics.jsonl is always written
+      share_prompt: compute each pair's prompt once (one row prompt+chosen+rejected, a 4-D attention mask); None: when the attention takes such a mask, confirmed at start against separate rows
     """
     config = {k: v for k, v in locals().items()}
     _check_flags(loss, beta, tau_low, tau_high, rep_weight, rep_margin, lr, epochs, batch_size, grad_accum,
@@ -475,6 +546,8 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
         raise UserError(f"--logits_chunk must be an integer >= 1, got {logits_chunk!r}")
     if not isinstance(lora_r, int) or lora_r < 0:
         raise UserError(f"--lora_r must be an integer >= 0 (0: full fine-tuning), got {lora_r!r}")
+    if share_prompt not in (None, True, False):
+        raise UserError(f"--share_prompt must be True, False or left out (auto), got {share_prompt!r}")
     if report_to not in ("none", "tensorboard", "wandb"):
         raise UserError(f"--report_to must be none, tensorboard or wandb, got {report_to!r}")
     if isinstance(lora_target_modules, str) and lora_target_modules != "all-linear":
@@ -538,12 +611,19 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
     opt = opt_cls(params, lr=lr, weight_decay=weight_decay)
     scorer, opt = accelerator.prepare(scorer, opt)
     device = accelerator.device
+    if share_prompt and not can_share_prompt(policy.config, max_length):
+        raise UserError(f"--share_prompt True: this model's attention ({policy.config._attn_implementation!r}, sliding window "
+                        f"{getattr(policy.config, 'sliding_window', None)}) cannot take sspo.py's 4-D mask at --max_length "
+                        f"{max_length}; leave the flag out")
     with accelerator.autocast():
-        check_scorer(scorer, {k: v.to(device) for k, v in collate(examples[:1], pad_id).items()}, policy.config.model_type,
-                     low_precision=accelerator.mixed_precision != "no")
+        share = check_scorer(scorer, examples[:2], pad_id, device, policy.config.model_type,
+                             can_share_prompt(policy.config, max_length) if share_prompt is None else share_prompt,
+                             strict=share_prompt is not None, low_precision=accelerator.mixed_precision != "no")
+    stats["share_prompt_used"] = share
 
     global_batch = batch_size * grad_accum * world
-    lengths = [len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples]
+    lengths = [len(e["prompt_ids"]) + (len(e["chosen_ids"]) + len(e["rejected_ids"]) if share else
+                                       max(len(e["chosen_ids"]), len(e["rejected_ids"]))) for e in examples]
     steps = step_batches(lengths, global_batch, seed, epochs, group_by_length)
     total, warmup = len(steps), math.ceil(warmup_ratio * len(steps))
 
@@ -571,7 +651,7 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
         with torch.no_grad(), accelerator.autocast(), base_only:
             for r in tqdm(range(rounds), desc="reference log-probs", disable=not main_process):
                 idx = mine[r * size:(r + 1) * size]
-                logps, _ = scorer(**{k: v.to(device) for k, v in collate([examples[i] for i in idx or [0]], pad_id).items()})
+                logps, _ = scorer(**{k: v.to(device) for k, v in collate([examples[i] for i in idx or [0]], pad_id, share).items()})
                 if idx:
                     ref[idx] = logps.view(2, -1).T.cpu()
         ref = accelerator.reduce(ref.to(device), reduction="sum").cpu()  # each row was filled by one process
@@ -595,7 +675,8 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
     if main_process:
         common.atomic_write_json(os.path.join(output_dir, "run_config.json"), dict(config, **stats, rep_weight_used=rep_weight))
         print(f"{stats['pairs']} pairs from {stats['rows']} rows ({stats['skipped_ties']} prompts skipped: all win rates "
-              f"equal; {stats['truncated']} pairs truncated to {max_length} tokens); {total} optimizer steps of "
+              f"equal; {stats['truncated']} pairs truncated to {max_length} tokens; prompt shared by chosen and rejected: "
+              f"{'yes' if share else 'no'}); {total} optimizer steps of "
               f"{global_batch} pairs on {world} process(es); starting at step {start}")
 
     log = open(metrics_path, "a" if checkpoint else "w") if main_process else None  # a fresh start keeps no old steps
@@ -614,7 +695,7 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
             weight = 1.0
             if not idx:  # every process must join each backward; this one adds nothing
                 idx, weight = steps[step][:1], 0.0
-            batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
+            batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id, share).items()}
             with accelerator.accumulate(scorer):  # syncs gradients (DeepSpeed: steps) on the last micro-step only
                 with accelerator.autocast():
                     logps, pooled = scorer(**batch)
@@ -638,7 +719,8 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
                 dist = (F.normalize(pooled[:b], dim=-1) - F.normalize(pooled[b:], dim=-1)).norm(dim=-1)
                 sums += weight * torch.stack([per_pair.sum(), pref_loss.sum(), rep.sum(), a_w.sum(), a_l.sum(),
                                               eta * (win_w - 0.5).sum(), eta * (win_l - 0.5).sum(), gate.sum(), dist.sum()])
-                tokens += float(batch["attention_mask"].sum()) * weight
+                tokens += sum(2 * len(examples[i]["prompt_ids"]) + len(examples[i]["chosen_ids"])
+                              + len(examples[i]["rejected_ids"]) for i in idx) * weight  # both rows' tokens, as if apart
         grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)

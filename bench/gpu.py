@@ -12,7 +12,9 @@ RMSprop on fp32 weights, bf16 autocast as `--mixed_precision bf16`, gradient cli
 1. the bf16 matmul rate of the device: torch.mm of two n x n bf16 matrices, best of 5 rounds;
 2. the reference pass (no grad) and training steps (loss sspo) on --batch_size pairs of --seq_len
    tokens (prompt --prompt_len, responses fill the rest; no padding), without and with gradient
-   checkpointing: tokens/s, MFU and peak memory of each;
+   checkpointing, and with the prompt shared by chosen and rejected (sspo.py's default where the
+   attention takes its 4-D mask): tokens/s of the pairs (the prompt counted twice, as apart), MFU
+   on the tokens the layout computes, and peak memory of each;
 3. generation: generate.sample_responses (HF generate, per-row sampler) of --gen_prompts prompts x K=4,
    --gen_new_tokens new tokens each (a random model seldom ends a turn), bf16 weights: new tokens/s.
 
@@ -129,7 +131,7 @@ def examples_for(shape, seed=0):
             for _ in range(shape["batch_size"])]
 
 
-def train(model, examples, pad_id, shape, device, gradient_checkpointing, beta=1e-3, logits_chunk=1024):
+def train(model, examples, pad_id, shape, device, gradient_checkpointing, share_prompt=False, beta=1e-3, logits_chunk=1024):
     """The reference pass and `steps` training steps of sspo.py's loop; returns timings, memory and the loss."""
     model.config.use_cache = False
     sspo.disable_dropout(model)
@@ -143,7 +145,7 @@ def train(model, examples, pad_id, shape, device, gradient_checkpointing, beta=1
     scorer = sspo.SequenceScorer(model, chunk=logits_chunk)
     opt = torch.optim.RMSprop([p for p in scorer.parameters() if p.requires_grad], lr=5e-7)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731  (= --mixed_precision bf16)
-    batch = {k: v.to(device) for k, v in sspo.collate(examples, pad_id).items()}
+    batch = {k: v.to(device) for k, v in sspo.collate(examples, pad_id, share_prompt).items()}
     b = len(examples)
     win_w = torch.tensor([e["chosen_winrate"] for e in examples], device=device)
     win_l = torch.tensor([e["rejected_winrate"] for e in examples], device=device)
@@ -174,11 +176,13 @@ def train(model, examples, pad_id, shape, device, gradient_checkpointing, beta=1
         sync(device)
         if step >= shape["warmup"]:
             times.append(time.perf_counter() - t)
-    tokens = int(batch["attention_mask"].sum())
-    response = int(batch["response_mask"][:, 1:].sum())
-    step_flops, ref_flops = useful_flops(model, tokens, response, shape["seq_len"])
+    # tokens: of the pairs (prompt counted for chosen and rejected); fed: those the layout computes
+    tokens = sum(2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples)
+    fed = tokens - (sum(len(e["prompt_ids"]) for e in examples) if share_prompt else 0)
+    step_flops, ref_flops = useful_flops(model, fed, len(batch["resp_pos"]), shape["seq_len"])
     step_s = sorted(times)[len(times) // 2]
-    out = dict(gradient_checkpointing=gradient_checkpointing, tokens_per_step=tokens, step_s=step_s,
+    out = dict(gradient_checkpointing=gradient_checkpointing, share_prompt=share_prompt, tokens_per_step=tokens,
+               fed_tokens_per_step=fed, step_s=step_s,
                tokens_per_s=tokens / step_s, step_tflops=step_flops / step_s / 1e12, ref_s=ref_s,
                ref_tokens_per_s=tokens / ref_s, ref_tflops=ref_flops / ref_s / 1e12, peak_memory_gib=peak_memory(device),
                first_loss=losses[0], last_loss=losses[-1])
@@ -247,12 +251,12 @@ def run(tiny=False, out=None, batch_size=None, seq_len=None, steps=None):
     report["params"] = sum(p.numel() for p in model.parameters())
     examples = examples_for(shape)
     report["train"] = []
-    for gc in (False, True):
-        r = train(model, examples, tokenizer.pad_token_id, shape, device, gradient_checkpointing=gc)
+    for gc, share in ((False, False), (True, False), (False, True)):
+        r = train(model, examples, tokenizer.pad_token_id, shape, device, gradient_checkpointing=gc, share_prompt=share)
         r["mfu"] = r["step_tflops"] / report["bf16_matmul_tflops"]
         r["ref_mfu"] = r["ref_tflops"] / report["bf16_matmul_tflops"]
         report["train"].append(r)
-        print(f"train  gradient_checkpointing={gc!s:5}  {r['tokens_per_s']:9.0f} tok/s  MFU {r['mfu']:.1%}  "
+        print(f"train  gradient_checkpointing={gc!s:5} share_prompt={share!s:5}  {r['tokens_per_s']:9.0f} tok/s  MFU {r['mfu']:.1%}  "
               f"peak {r['peak_memory_gib']:.2f} GiB  step {r['step_s'] * 1e3:.0f} ms  | reference pass "
               f"{r['ref_tokens_per_s']:9.0f} tok/s, MFU {r['ref_mfu']:.1%}  | loss {r['first_loss']:.4g} -> {r['last_loss']:.4g}",
               flush=True)

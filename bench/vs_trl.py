@@ -176,8 +176,10 @@ def build_work(work, prompts, max_length, seed=0):
         json.dump([{k: e[k] for k in ("prompt", "chosen", "rejected", "prompt_ids", "chosen_ids", "rejected_ids")}
                    for e in examples], f)
     real = sum(2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples)
+    once = real - sum(len(e["prompt_ids"]) for e in examples)  # what sspo.py computes with the prompt shared
     lengths = [len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples]
     return dict(model=model_dir, scored=scored, pairs=len(examples), rows=stats["rows"], real_tokens=real,
+                prompt_once_tokens=once,
                 params=sum(p.numel() for p in model.parameters()), matmul_params=matmul_params(model),
                 vocab=len(tokenizer), lengths=lengths,
                 prompt_tokens_mean=statistics.mean(len(e["prompt_ids"]) for e in examples),
@@ -238,7 +240,7 @@ def install_clock():
     return clock, undo
 
 
-def child_sspo(work, out, cfg):
+def child_sspo(work, out, cfg, share_prompt=None):
     """`python sspo.py --loss sppo_hard ...` in this process (runpy), with the clock installed."""
     import runpy
 
@@ -247,6 +249,8 @@ def child_sspo(work, out, cfg):
             "--beta", cfg["beta"], "--lr", cfg["lr"], "--batch_size", cfg["batch_size"], "--epochs", cfg["epochs"],
             "--max_length", cfg["max_length"], "--seed", 0, "--save_every", 0, "--optimizer", "rmsprop",
             "--warmup_ratio", 0.1, "--lr_schedule", "linear", "--max_grad_norm", 1.0, "--mixed_precision", "no"]
+    if share_prompt is not None:
+        args += ["--share_prompt", share_prompt]
     sys.argv = [os.path.join(ROOT, "sspo.py"), *map(str, args)]
     runpy.run_path(os.path.join(ROOT, "sspo.py"), run_name="__main__")
     with open(os.path.join(out, "metrics.jsonl")) as f:
@@ -361,7 +365,6 @@ def first_batch_check(work, cfg, built, trl_first):
 
 def markdown(report):
     s, c = report["summary"], report["config"]
-    ours, trl, ratio = s["sspo"], s["trl"], s["ratio_sspo_over_trl"]
     fmt = lambda d, f: f"{f.format(d['median'])} ({f.format(d['min'])}-{f.format(d['max'])})"  # noqa: E731
     lines = [
         "## sspo.py vs TRL DPOTrainer", "",
@@ -376,23 +379,14 @@ def markdown(report):
         f"{c['max_length']}, beta {c['beta']}, lr {c['lr']}, RMSprop, fp32, {c['epochs']} epoch; TRL with "
         f"precompute_ref_log_probs={c['trl_precompute']}, sampling '{c['trl_sampling']}'. "
         f"{c['repeats']} alternating runs each; median (min-max).", "",
-        "| | sspo.py | TRL DPOTrainer | ours / TRL |", "|---|---|---|---|",
-        f"| real tokens/s (train time) | {fmt(ours['tokens_per_s'], '{:.0f}')} | {fmt(trl['tokens_per_s'], '{:.0f}')} "
-        f"| {fmt(ratio['tokens_per_s'], '{:.2f}')} |",
-        f"| train time, s | {fmt(ours['train_s'], '{:.1f}')} | {fmt(trl['train_s'], '{:.1f}')} | "
-        f"{fmt(ratio['train_s'], '{:.2f}')} |",
-        f"| whole-process wall, s | {fmt(ours['wall_s'], '{:.1f}')} | {fmt(trl['wall_s'], '{:.1f}')} | "
-        f"{fmt(ratio['wall_s'], '{:.2f}')} |",
-        f"| peak RSS, MiB | {fmt(ours['peak_rss_mib'], '{:.0f}')} | {fmt(trl['peak_rss_mib'], '{:.0f}')} | "
-        f"{fmt(ratio['peak_rss_mib'], '{:.2f}')} |",
-        f"| share of fp32 matmul rate | {fmt(ours['matmul_share'], '{:.0%}')} | {fmt(trl['matmul_share'], '{:.0%}')} | |",
-        f"| system share of CPU time | {fmt(ours['system_cpu_share'], '{:.0%}')} | "
-        f"{fmt(trl['system_cpu_share'], '{:.0%}')} | |",
-        f"| first-step loss | {ours['first_step_loss']:.6g} | {trl['first_step_loss']:.6g} | |", "",
+        *table(s, fmt),
         f"fp32 matmul rate measured: {report['matmul_gflops']:.0f} GFLOP/s (torch.mm 2048^2, {c['threads']} threads). "
-        f"Useful FLOPs = 8 N per real token (policy forward+backward 6 N, one reference forward 2 N), "
+        f"Useful FLOPs = 8 N per token computed (policy forward+backward 6 N, one reference forward 2 N), "
         f"N = {report['work']['matmul_params'] / 1e6:.1f}M weights in matmuls (LM head included, embeddings and "
-        "attention scores not). Train time runs from the first backbone forward to the end of the last "
+        "attention scores not); tokens computed: the real tokens, less one prompt per pair for sspo.py with "
+        f"the prompt shared ({report['work'].get('prompt_once_tokens', 0)} of {report['work']['real_tokens']}). "
+        "Real tokens/s counts every pair's prompt twice for all three, as the work is the same. "
+        "Train time runs from the first backbone forward to the end of the last "
         "optimizer step (sspo.py's reference pass included); wall is the whole process; RSS is ru_maxrss.",
     ]
     check = report.get("first_batch_check")
@@ -402,6 +396,25 @@ def markdown(report):
                       f"reference log-probs of those pairs {check['sspo_ref_logps_chosen']:.4f} / "
                       f"{check['sspo_ref_logps_rejected']:.4f}."]
     return "\n".join(lines) + "\n"
+
+
+def table(s, fmt):
+    """Markdown rows: sspo.py (prompt shared), TRL, the ratio, and sspo.py with the prompt apart when it ran."""
+    apart = "sspo_apart" in s
+    cols = [("sspo", "sspo.py"), ("trl", "TRL DPOTrainer"), ("ratio_sspo_over_trl", "sspo.py / TRL")]
+    if apart:
+        cols += [("sspo_apart", "sspo.py, prompt apart"), ("ratio_sspo_apart_over_trl", "apart / TRL"),
+                 ("ratio_sspo_over_sspo_apart", "shared / apart")]
+    rows = [("real tokens/s (train time)", "tokens_per_s", "{:.0f}"), ("train time, s", "train_s", "{:.1f}"),
+            ("whole-process wall, s", "wall_s", "{:.1f}"), ("peak RSS, MiB", "peak_rss_mib", "{:.0f}"),
+            ("share of fp32 matmul rate", "matmul_share", "{:.0%}"), ("system share of CPU time", "system_cpu_share", "{:.0%}")]
+    lines = ["| | " + " | ".join(name for _, name in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for label, key, f in rows:
+        cells = [fmt(s[c][key], "{:.2f}" if c.startswith("ratio") else f) if key in s[c] else "" for c, _ in cols]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("| first-step loss | " + " | ".join(f"{s[c]['first_step_loss']:.6g}" if "first_step_loss" in s[c] else ""
+                                                     for c, _ in cols) + " |")
+    return lines + [""]
 
 
 def write_markdown(path, block):
@@ -416,7 +429,7 @@ def write_markdown(path, block):
 
 
 def main(repeats=3, prompts=64, batch_size=4, max_length=512, beta=1e-3, lr=5e-7, epochs=1, threads=2,
-         trl_precompute=False, trl_sampling="sequential", work="/tmp/sspo-bench-vs-trl",
+         trl_precompute=False, trl_sampling="sequential", ablation=True, work="/tmp/sspo-bench-vs-trl",
          out="bench/results/vs_trl.json", markdown_file="bench/RESULTS.md",
          child=None, child_out=None, child_cfg=None):
     """Run sspo.py and TRL's DPOTrainer alternately on the same generated work; print and save the comparison.
@@ -432,6 +445,7 @@ def main(repeats=3, prompts=64, batch_size=4, max_length=512, beta=1e-3, lr=5e-7
       threads: torch threads of every child and of the matmul measurement
       trl_precompute: TRL's precompute_ref_log_probs (False: its default, a second model in memory)
       trl_sampling: TRL's train_sampling_strategy: sequential (lets the step-0 data check run) | random | group_by_length
+      ablation: also run sspo.py with --share_prompt False (chosen and rejected in rows of their own): the prompt-sharing lever, measured
       work: scratch folder (rebuilt)
       out: the JSON report ('' for none)
       markdown_file: the RESULTS.md whose 'sspo.py vs TRL DPOTrainer' section is replaced ('' for none)
@@ -445,7 +459,10 @@ def main(repeats=3, prompts=64, batch_size=4, max_length=512, beta=1e-3, lr=5e-7
         torch.set_num_threads(threads)
         with open(child_cfg) as f:
             cfg = json.load(f)
-        record = (child_sspo if child == "sspo" else child_trl)(work, child_out, cfg)
+        if child == "trl":
+            record = child_trl(work, child_out, cfg)
+        else:  # sspo: its default (the prompt shared); sspo_apart: --share_prompt False
+            record = child_sspo(work, child_out, cfg, share_prompt=False if child == "sspo_apart" else None)
         usage = resource.getrusage(resource.RUSAGE_SELF)
         record.update(maxrss_kib=usage.ru_maxrss, user_s=usage.ru_utime, system_s=usage.ru_stime,
                       minor_faults=usage.ru_minflt)
@@ -473,16 +490,18 @@ def main(repeats=3, prompts=64, batch_size=4, max_length=512, beta=1e-3, lr=5e-7
                max_length=max_length, trl_precompute=trl_precompute, trl_sampling=trl_sampling)
     os.makedirs(os.path.join(work, "runs"), exist_ok=True)
     runs = []
+    systems = ["sspo", "trl"] + (["sspo_apart"] if ablation else [])
     for r in range(repeats):
-        for which in (("sspo", "trl") if r % 2 == 0 else ("trl", "sspo")):
+        for which in systems[r % len(systems):] + systems[:r % len(systems)]:  # each goes first in turn
             run_out = os.path.join(work, "runs", f"{which}-{r}")
             rec = run_child(which, work, run_out, cfg, threads)
             rec["repeat"] = r
             rec["tokens_per_s"] = built["real_tokens"] * epochs / rec["train_s"]
-            rec["matmul_share"] = 8 * built["matmul_params"] * rec["tokens_per_s"] / (rate * 1e9)
+            computed = built["prompt_once_tokens"] if which == "sspo" else built["real_tokens"]
+            rec["matmul_share"] = 8 * built["matmul_params"] * computed * epochs / rec["train_s"] / (rate * 1e9)
             rec["system_cpu_share"] = rec["system_s"] / max(rec["user_s"] + rec["system_s"], 1e-9)
             runs.append(rec)
-            print(f"[{r}] {which:4s}  wall {rec['wall_s']:6.1f} s  train {rec['train_s']:6.1f} s  "
+            print(f"[{r}] {which:10s}  wall {rec['wall_s']:6.1f} s  train {rec['train_s']:6.1f} s  "
                   f"{rec['tokens_per_s']:6.0f} real tok/s ({rec['matmul_share']:.0%} of matmul rate)  "
                   f"peak RSS {rec['peak_rss_mib']:5.0f} MiB  steps {rec['optimizer_steps']}  "
                   f"first-step loss {rec['first_step_loss']:.6g}  load {rec['load_before'][0]:.1f}", flush=True)
@@ -496,13 +515,16 @@ def main(repeats=3, prompts=64, batch_size=4, max_length=512, beta=1e-3, lr=5e-7
     rate = max(rate, rate_after)
     keys = ["tokens_per_s", "train_s", "wall_s", "peak_rss_mib", "matmul_share", "system_cpu_share"]
     summary = {}
-    for which in ("sspo", "trl"):
+    for which in systems:
         mine = [x for x in runs if x["system"] == which]
         summary[which] = {k: spread([x[k] for x in mine]) for k in keys}
         summary[which]["first_step_loss"] = mine[0]["first_step_loss"]
-    summary["ratio_sspo_over_trl"] = {
-        k: spread([a[k] / b[k] for a, b in zip([x for x in runs if x["system"] == "sspo"],
-                                               [x for x in runs if x["system"] == "trl"])]) for k in keys[:4]}
+    ratio = lambda a, b: {k: spread([x[k] / y[k] for x, y in zip([x for x in runs if x["system"] == a],  # noqa: E731
+                                                                  [y for y in runs if y["system"] == b])]) for k in keys[:4]}
+    summary["ratio_sspo_over_trl"] = ratio("sspo", "trl")
+    if ablation:
+        summary["ratio_sspo_apart_over_trl"] = ratio("sspo_apart", "trl")
+        summary["ratio_sspo_over_sspo_apart"] = ratio("sspo", "sspo_apart")
     trl_first = next(x for x in runs if x["system"] == "trl")["first_step"]
     check = first_batch_check(work, cfg, built, trl_first)
     loads = [x["load_before"][0] for x in runs] + [x["load_after"][0] for x in runs]

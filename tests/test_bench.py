@@ -22,7 +22,8 @@ def test_gpu_script_runs_tiny_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
     report = gpu.run(tiny=True, out=str(out))
     assert json.loads(out.read_text())["params"] == report["params"]
-    assert [r["gradient_checkpointing"] for r in report["train"]] == [False, True]
+    assert [(r["gradient_checkpointing"], r["share_prompt"]) for r in report["train"]] == [(False, False), (True, False), (False, True)]
+    assert report["train"][2]["fed_tokens_per_step"] < report["train"][2]["tokens_per_step"] == report["train"][0]["fed_tokens_per_step"]
     for r in report["train"]:
         assert r["tokens_per_s"] > 0 and r["ref_tokens_per_s"] > 0 and r["mfu"] > 0 and r["peak_memory_gib"] > 0
         # step 0: pi_theta = pi_t, so a = 0 and the sspo loss is eta^2 ((3/4 - 1/2)^2 + (3/10 - 1/2)^2) + a repulsion
@@ -82,3 +83,19 @@ def test_trl_tokenises_the_pairs_as_sspo_does(tmp_path):
     record = vs.child_trl(str(tmp_path / "work"), str(tmp_path / "trl"), cfg)
     assert record["same_token_ids"] == 4 and record["steps"] == 2
     assert record["first_step_loss"] == pytest.approx(0.5 / 1e-3 ** 2)  # sppo_hard at step 0: 2 (eta/2)^2
+
+
+def test_vs_trl_table_shows_the_prompt_sharing_ablation():
+    vs = load_bench("vs_trl")
+    one = lambda v: dict(median=v, min=v, max=v)  # noqa: E731
+    rec = lambda t: dict(tokens_per_s=one(t), train_s=one(1e4 / t), wall_s=one(1e4 / t + 5), peak_rss_mib=one(1000),  # noqa: E731
+                         matmul_share=one(0.5), system_cpu_share=one(0.1), first_step_loss=500000.0)
+    ratio = dict(tokens_per_s=one(2.0), train_s=one(0.5), wall_s=one(0.55), peak_rss_mib=one(1.0))
+    s = dict(sspo=rec(800), trl=rec(400), sspo_apart=rec(700), ratio_sspo_over_trl=ratio,
+             ratio_sspo_apart_over_trl=ratio, ratio_sspo_over_sspo_apart=ratio)
+    fmt = lambda d, f: f.format(d["median"])  # noqa: E731
+    lines = vs.table(s, fmt)
+    assert lines[0].count("|") == 8 and "prompt apart" in lines[0]
+    assert lines[2] == "| real tokens/s (train time) | 800 | 400 | 2.00 | 700 | 2.00 | 2.00 |"
+    del s["sspo_apart"], s["ratio_sspo_apart_over_trl"], s["ratio_sspo_over_sspo_apart"]
+    assert vs.table(s, fmt)[0].count("|") == 5  # without the ablation: three columns

@@ -122,14 +122,17 @@ def test_scored_tokens_are_exactly_the_responses_tokens(tiny_model_dir):
     pairs = [dict(prompt="what is the capital of france ?", chosen="paris is the capital .", rejected="a dog",
                   chosen_winrate=0.8, rejected_winrate=0.2, gate=0.0)]
     examples, truncated = sspo.tokenize_pairs(pairs, tokenizer, 256)
-    batch = sspo.collate(examples, tokenizer.pad_token_id)
     eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    for row, text in ((0, "paris is the capital ."), (1, "a dog")):
-        scored = batch["input_ids"][row][batch["response_mask"][row]].tolist()
-        assert scored == tokenizer(text, add_special_tokens=False)["input_ids"] + [eot]
-        prompt = batch["input_ids"][row][:len(examples[0]["prompt_ids"])].tolist()
-        assert prompt == common.prompt_ids(tokenizer, pairs[0]["prompt"])
-        assert tokenizer.decode(prompt).endswith("<|im_start|> assistant")
+    for share in (False, True):
+        batch = sspo.collate(examples, tokenizer.pad_token_id, share_prompt=share)
+        for seq, text in ((0, "paris is the capital ."), (1, "a dog")):
+            mine = batch["resp_seq"] == seq
+            scored = batch["input_ids"][batch["resp_row"][mine], batch["resp_pos"][mine]].tolist()
+            assert scored == tokenizer(text, add_special_tokens=False)["input_ids"] + [eot]
+            row = int(batch["resp_row"][mine][0])
+            prompt = batch["input_ids"][row][:len(examples[0]["prompt_ids"])].tolist()
+            assert prompt == common.prompt_ids(tokenizer, pairs[0]["prompt"])
+            assert tokenizer.decode(prompt).endswith("<|im_start|> assistant")
     assert truncated == 0
 
 
@@ -196,7 +199,91 @@ def test_fast_logps_equal_the_naive_full_logits(tiny_model_dir):
     assert torch.allclose(pooled_alone, torch.stack([pooled[2], pooled[7]]).detach(), atol=1e-5)
     # pooled = mean of the final (normed) hidden states over the response tokens
     hidden = model.model(input_ids=batch["input_ids"][:1], attention_mask=batch["attention_mask"][:1]).last_hidden_state[0]
-    assert torch.allclose(pooled[0], hidden[batch["response_mask"][0]].mean(0), atol=1e-5)
+    p, c = len(examples[0]["prompt_ids"]), len(examples[0]["chosen_ids"])
+    assert torch.equal(batch["input_ids"][0, p:p + c], torch.tensor(examples[0]["chosen_ids"]))
+    assert torch.allclose(pooled[0], hidden[p:p + c].mean(0), atol=1e-5)
+
+
+def _random_examples(tokenizer, n, seed):
+    rng = random.Random(seed)
+    pairs = [dict(prompt=" ".join(rng.choices(WORDS, k=rng.randint(2, 12))), chosen=" ".join(rng.choices(WORDS, k=rng.randint(1, 20))),
+                  rejected=" ".join(rng.choices(WORDS, k=rng.randint(1, 20))), chosen_winrate=1, rejected_winrate=0, gate=0)
+             for _ in range(n)]
+    return sspo.tokenize_pairs(pairs, tokenizer, 512)[0]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prompt_rows_score_like_separate_rows(tiny_model_dir, attn):
+    """prompt+chosen+rejected in one row (4-D mask, restarted positions) == prompt+chosen and prompt+rejected apart."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = common.load_tokenizer(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn)
+    examples = _random_examples(tokenizer, 5, seed=2)
+    scorer = sspo.SequenceScorer(model, chunk=7)
+    out = {}
+    for share in (False, True):
+        batch = sspo.collate(examples, tokenizer.pad_token_id, share_prompt=share)
+        model.zero_grad()
+        logps, pooled = scorer(**batch)
+        (logps.sum() + pooled.square().sum()).backward()
+        out[share] = logps.detach(), pooled.detach(), [p.grad.clone() for p in model.parameters()], batch
+    assert out[True][3]["input_ids"].shape[0] == 5 and out[False][3]["input_ids"].shape[0] == 10
+    # fewer tokens fed: the prompt once per pair
+    assert out[True][3]["input_ids"].numel() < out[False][3]["input_ids"].numel()
+    assert torch.allclose(out[True][0], out[False][0], atol=1e-4, rtol=1e-5)
+    assert torch.allclose(out[True][1], out[False][1], atol=1e-5)
+    for g_shared, g_apart in zip(out[True][2], out[False][2]):
+        assert torch.allclose(g_shared, g_apart, atol=1e-4, rtol=1e-3)
+    # the model's own logits on the shared rows agree too (the layout, not just our head)
+    with torch.no_grad():
+        naive, _ = scorer(**out[True][3], naive=True)
+    assert torch.allclose(naive, out[False][0], atol=1e-4, rtol=1e-5)
+
+
+def test_shared_prompt_mask_hides_chosen_from_rejected():
+    examples = [dict(prompt_ids=[5, 6], chosen_ids=[7, 8, 9], rejected_ids=[10])]
+    batch = sspo.collate(examples + [dict(prompt_ids=[5], chosen_ids=[7], rejected_ids=[8])], 0, share_prompt=True)
+    m = batch["attention_mask"][0, 0].int()
+    # rows: queries p p c c c r ; rejected (last) sees the prompt and itself, not the chosen tokens
+    assert m.tolist() == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
+                          [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 1]]
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 2]
+    assert batch["attention_mask"][1, 0].diagonal().all()  # padding queries see themselves
+    assert batch["resp_pred"].tolist()[:4] == [1, 2, 3, 1]  # the rejected token is predicted from the prompt's end
+    assert batch["resp_seq"].tolist() == [0, 0, 0, 2, 1, 3] and batch["resp_len"].tolist() == [3, 1, 1, 1]
+
+
+def test_check_scorer_falls_back_when_the_model_ignores_the_layout(tiny_model_dir):
+    """A model that drops position ids (ALiBi-style) cannot share the prompt: auto falls back, asked-for fails."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = common.load_tokenizer(tiny_model_dir)
+    scorer = sspo.SequenceScorer(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    examples = _random_examples(tokenizer, 2, seed=3)
+    args = (examples, tokenizer.pad_token_id, "cpu", "llama")
+    assert sspo.check_scorer(scorer, *args, share_prompt=True) is True
+    assert sspo.check_scorer(scorer, *args, share_prompt=False) is False
+    no_positions = lambda **kw: scorer(**{k: v for k, v in kw.items() if k != "position_ids"})
+    assert sspo.check_scorer(no_positions, *args, share_prompt=True) is False
+    with pytest.raises(common.UserError, match="--share_prompt False"):
+        sspo.check_scorer(no_positions, *args, share_prompt=True, strict=True)
+
+
+def test_can_share_prompt_only_where_the_mask_is_taken_as_given():
+    from transformers import LlamaConfig, MistralConfig
+
+    llama = LlamaConfig()
+    for impl, ok in (("sdpa", True), ("eager", True), ("flash_attention_2", False), ("flex_attention", False)):
+        llama._attn_implementation = impl
+        assert sspo.can_share_prompt(llama, 1024) is ok, impl
+    mistral = MistralConfig(sliding_window=512)
+    mistral._attn_implementation = "sdpa"
+    assert sspo.can_share_prompt(mistral, 512) and not sspo.can_share_prompt(mistral, 513)
+    hybrid = LlamaConfig()
+    hybrid._attn_implementation = "sdpa"
+    hybrid.layer_types = ["full_attention", "linear_attention"]
+    assert not sspo.can_share_prompt(hybrid, 128)
 
 
 # ------------------------------------------------------------------------------ real training
