@@ -222,10 +222,11 @@ def collate(examples, pad_id, share_prompt=False):
 
     Plain layout: 2B right-padded rows prompt+response and a 2-D attention mask.
     Shared-prompt layout (share_prompt): B rows prompt+chosen+rejected, so each prompt is computed
-    once. A 4-D mask (True: may attend) lets the rejected tokens see the prompt and each other but
-    not the chosen ones, and position ids restart the rejected response right after the prompt: each
-    response is scored as in a row of its own (tests check log-probs, pooled states and gradients).
-    Besides input_ids, attention_mask (and position_ids): for every response token its row
+    once. `branch` marks each token (0 prompt, 1 chosen, 2 rejected, -1 padding); SequenceScorer
+    turns it into a 4-D mask on the device (tree_mask), and position ids restart the rejected
+    response right after the prompt: each response is scored as in a row of its own (tests check
+    log-probs, pooled states and gradients).
+    Besides input_ids, attention_mask or branch (and position_ids): for every response token its row
     (resp_row), its position (resp_pos), the position whose hidden state predicts it (resp_pred),
     its sequence (resp_seq); and each sequence's response length (resp_len).
     """
@@ -260,14 +261,20 @@ def collate(examples, pad_id, share_prompt=False):
             position_ids[i, :p + c + r] = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])
             add(i, p, p - 1, c, i)
             add(i, p + c, p - 1, r, b + i)  # the rejected response is predicted from the prompt's end too
-        real = branch >= 0
-        sees = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])  # [row, query, key]
-        mask = sees & real[:, None, :] & real[:, :, None] & torch.ones(width, width, dtype=torch.bool).tril()
-        mask |= torch.eye(width, dtype=torch.bool) & ~real[:, :, None]  # a padding query sees itself: no NaN
-        batch = dict(input_ids=input_ids, attention_mask=mask[:, None], position_ids=position_ids)
+        batch = dict(input_ids=input_ids, branch=branch, position_ids=position_ids)
     batch.update({k: torch.tensor(v, dtype=torch.long) for k, v in resp.items()})
     batch["resp_len"] = torch.tensor(lengths, dtype=torch.long)
     return batch
+
+
+def tree_mask(branch):
+    """(R, 1, T, T) attention mask of shared-prompt rows, True where a query may see a key: causal, every
+    token sees the prompt, a response sees only its own tokens, padding sees nothing but itself (no NaN)."""
+    real = branch >= 0
+    sees = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])  # [row, query, key]
+    causal = torch.ones(branch.shape[1], branch.shape[1], dtype=torch.bool, device=branch.device).tril()
+    mask = sees & real[:, None, :] & real[:, :, None] & causal
+    return (mask | (torch.eye(branch.shape[1], dtype=torch.bool, device=branch.device) & ~real[:, :, None]))[:, None]
 
 
 def can_share_prompt(config, max_length):
@@ -315,11 +322,13 @@ class SequenceScorer(torch.nn.Module):
     def get_output_embeddings(self):
         return self.model.get_output_embeddings()
 
-    def forward(self, input_ids, attention_mask, resp_row, resp_pos, resp_pred, resp_seq, resp_len,
-                position_ids=None, naive=False):
-        if attention_mask.dim() == 4 and self.model.config._attn_implementation == "eager":
-            attention_mask = torch.zeros(attention_mask.shape, device=attention_mask.device).masked_fill(
-                ~attention_mask, torch.finfo(torch.float32).min)  # eager attention adds its mask to the scores
+    def forward(self, input_ids, resp_row, resp_pos, resp_pred, resp_seq, resp_len,
+                attention_mask=None, branch=None, position_ids=None, naive=False):
+        if branch is not None:  # shared-prompt rows: the 4-D mask is built here, on the device
+            attention_mask = tree_mask(branch)
+            if self.model.config._attn_implementation == "eager":  # eager attention adds its mask to the scores
+                attention_mask = torch.zeros(attention_mask.shape, device=branch.device).masked_fill(
+                    ~attention_mask, torch.finfo(torch.float32).min)
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask)
         if position_ids is not None:
             inputs["position_ids"] = position_ids

@@ -244,12 +244,14 @@ def test_shared_prompt_rows_score_like_separate_rows(tiny_model_dir, attn):
 def test_shared_prompt_mask_hides_chosen_from_rejected():
     examples = [dict(prompt_ids=[5, 6], chosen_ids=[7, 8, 9], rejected_ids=[10])]
     batch = sspo.collate(examples + [dict(prompt_ids=[5], chosen_ids=[7], rejected_ids=[8])], 0, share_prompt=True)
-    m = batch["attention_mask"][0, 0].int()
+    assert "attention_mask" not in batch  # built on the device by the scorer
+    mask = sspo.tree_mask(batch["branch"])
+    m = mask[0, 0].int()
     # rows: queries p p c c c r ; rejected (last) sees the prompt and itself, not the chosen tokens
     assert m.tolist() == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
                           [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 1]]
     assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 2]
-    assert batch["attention_mask"][1, 0].diagonal().all()  # padding queries see themselves
+    assert mask[1, 0].diagonal().all() and mask[1, 0, 3:, :3].sum() == 0  # padding queries see only themselves
     assert batch["resp_pred"].tolist()[:4] == [1, 2, 3, 1]  # the rejected token is predicted from the prompt's end
     assert batch["resp_seq"].tolist() == [0, 0, 0, 2, 1, 3] and batch["resp_len"].tolist() == [3, 1, 1, 1]
 
