@@ -625,7 +625,8 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
                         f"{getattr(policy.config, 'sliding_window', None)}) cannot take sspo.py's 4-D mask at --max_length "
                         f"{max_length}; leave the flag out")
     with accelerator.autocast():
-        share = check_scorer(scorer, examples[:2], pad_id, device, policy.config.model_type,
+        shortest = sorted(examples, key=lambda e: len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]))[:2]
+        share = check_scorer(scorer, shortest, pad_id, device, policy.config.model_type,  # full logits: keep them small
                              can_share_prompt(policy.config, max_length) if share_prompt is None else share_prompt,
                              strict=share_prompt is not None, low_precision=accelerator.mixed_precision != "no")
     stats["share_prompt_used"] = share

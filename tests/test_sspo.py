@@ -364,6 +364,21 @@ def test_two_processes_and_grad_accum_give_the_weights_of_one_with_double_batch(
     assert [m["loss"] for m in m1] == pytest.approx([m["loss"] for m in m2], rel=1e-4)
 
 
+def test_training_with_the_prompt_shared_equals_training_with_rows_apart(tiny_model_dir, tmp_path):
+    data = write_scored(tmp_path / "scored.jsonl", n=6)
+    flags = ["--data", data, "--model", tiny_model_dir, "--lr", "1e-3", "--beta", "0.1", "--optimizer", "adamw",
+             "--save_every", "0", "--batch_size", "3", "--nogroup_by_length"]  # the same steps in both layouts
+    for name, extra in (("shared", []), ("apart", ["--share_prompt", "False"])):
+        out = run_cli(*flags, *extra, "--output_dir", tmp_path / name)
+        assert out.returncode == 0, out.stderr
+        assert f"prompt shared by chosen and rejected: {'yes' if name == 'shared' else 'no'}" in out.stdout
+    shared, apart, base = load_weights(tmp_path / "shared"), load_weights(tmp_path / "apart"), load_weights(tiny_model_dir)
+    assert max(float((shared[k] - base[k]).abs().max()) for k in shared) > 1e-3
+    for k in shared:
+        assert torch.allclose(shared[k], apart[k], atol=1e-5), k
+    assert json.load(open(tmp_path / "shared" / "summary.json"))["share_prompt_used"] is True
+
+
 KILL_AFTER_CHECKPOINT = """
 import os, sys, sspo, common
 save = sspo._atomic_save_checkpoint
