@@ -5,11 +5,12 @@ The numbers are AlpacaEval 2.0's, computed with a local judge (any oracle.py bac
     python evaluate.py --outputs runs/iterate/iter1/heldout.jsonl --references runs/iterate/base_heldout.jsonl \\
         --oracle pairrm --out runs/iterate/iter1/report.json
     python evaluate.py --plot "runs/iterate/iter*/report.json" --plot_out runs/iterate/plot.png
+    python evaluate.py --curves "runs/iterate/iter*/model/metrics.jsonl" --plot_out runs/iterate/training.png
 
 Both files are responses files as generate.py writes them (METHOD.md §5); rows are matched by id and
 the first response of each is compared. The report holds `win_rates(...)` (below), mean lengths, how
 many outputs hit the token limit, and distinct-1/2 diversity. `--plot` draws win rate and LC win rate
-per iteration from several reports.
+per iteration from several reports; `--curves` draws sspo.py's training curves (metrics.jsonl).
 """
 import glob
 import json
@@ -239,7 +240,7 @@ def evaluate(outputs, references, oracle="pairrm", oracle_model=None, batch_size
 # ---------------------------------------------------------------------------------------- plot
 
 def _report_paths(plot):
-    """Report paths from a list or a comma-separated string; globs expanded, iter2 before iter10."""
+    """Paths from a list or a comma-separated string; globs expanded, iter2 before iter10."""
     items = plot if isinstance(plot, (list, tuple)) else str(plot).strip("[]").split(",")
     paths = []
     for item in (str(x).strip() for x in items if str(x).strip()):
@@ -288,11 +289,72 @@ def plot_reports(paths, png):
     plt.close(fig)
 
 
+CURVES = [  # (panel title, [(metrics.jsonl field, label, line style)], log scale)
+    ("loss", [("loss", "loss", "-"), ("loss_pref", "preference", "--")], True),
+    ("log-ratio log pi/pi_t vs its target", [("logratio_chosen", "chosen", "-"), ("target_chosen", "chosen target", "--"),
+                                             ("logratio_rejected", "rejected", "-"), ("target_rejected", "rejected target", "--")], False),
+    ("gradient norm (before clipping)", [("grad_norm", "grad norm", "-")], True),
+    ("latent distance, semantic gate, repulsion", [("latent_dist", "latent distance", "-"), ("gate_mean", "gate", "--"),
+                                                    ("loss_rep", "repulsion loss", ":")], False),
+]
+
+
+def plot_curves(paths, png):
+    """Draw sspo.py's metrics.jsonl of one or more runs, one after another on a common step axis, into `png`.
+
+    Returns what was drawn: {field: (x, y)} over all runs.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = []
+    for path in paths:
+        rows = []
+        for n, row in read_jsonl(path):
+            if not isinstance(row.get("step"), int):
+                raise field_error(path, n, "step", "missing or not an integer: is this sspo.py's metrics.jsonl?")
+            rows.append(row)
+        if not rows:
+            raise UserError(f"{path}: no steps logged yet")
+        runs.append(rows)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    offset, colours, drawn = 0, plt.rcParams["axes.prop_cycle"].by_key()["color"], {}
+    for r, (path, rows) in enumerate(zip(paths, runs)):
+        x = [offset + row["step"] for row in rows]
+        for ax, (title, fields, log) in zip(axes.flat, CURVES):
+            for c, (field, label, style) in enumerate(fields):
+                y = [math.nan if row.get(field) is None else row[field] for row in rows]
+                ax.plot(x, y, style, color=colours[c % len(colours)], label=label if r == 0 else None, lw=1.2)
+                drawn.setdefault(field, ([], []))
+                drawn[field][0].extend(x)
+                drawn[field][1].extend(y)
+            if log and all(v > 0 for row in rows for f, _, _ in fields if isinstance(v := row.get(f), (int, float))):
+                ax.set_yscale("log")
+            ax.set_title(title, fontsize=10)
+            if r:
+                ax.axvline(offset + 0.5, color="grey", lw=0.8, ls=":")
+        offset = x[-1]
+    for ax in axes.flat:
+        ax.legend(fontsize=8)
+    for ax in axes[1]:
+        ax.set_xlabel("optimizer step" + (" (runs one after another)" if len(paths) > 1 else ""))
+    dirs = [os.path.dirname(os.path.abspath(p)) for p in paths]
+    names = [os.path.relpath(d, os.path.commonpath(dirs)) for d in dirs] if len(set(dirs)) > 1 else [os.path.basename(dirs[0])]
+    fig.suptitle("  |  ".join(names), fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return drawn
+
+
 # ----------------------------------------------------------------------------------------- CLI
 
 def main(outputs=None, references=None, oracle="pairrm", oracle_model=None, out="report.json", batch_size=32,
-         difficulty_field=None, plot=None, plot_out="plot.png"):
-    """Judge a model's outputs against reference outputs (AlpacaEval 2.0 win rates), or plot reports.
+         difficulty_field=None, plot=None, curves=None, plot_out="plot.png"):
+    """Judge a model's outputs against reference outputs (AlpacaEval 2.0 win rates), or plot reports or training curves.
 
     Args:
         outputs: responses file of the model to rate (generate.py's format; first response per id)
@@ -303,15 +365,21 @@ def main(outputs=None, references=None, oracle="pairrm", oracle_model=None, out=
         batch_size: texts or pairs per forward pass of the judge
         difficulty_field: name of a numeric per-prompt difficulty field to add to the GLM (length_controlled_noreg)
         plot: reports to plot instead (comma-separated paths, each may be a quoted glob), in iteration order
+        curves: sspo.py metrics.jsonl files to plot instead (comma-separated, globs), drawn one after another
         plot_out: where the plot PNG goes
     """
+    if curves is not None:
+        paths = _report_paths(curves)
+        plot_curves(paths, plot_out)
+        print(f"plotted the training curves of {len(paths)} run(s) to {plot_out}")
+        return
     if plot is not None:
         paths = _report_paths(plot)
         plot_reports(paths, plot_out)
         print(f"plotted {len(paths)} reports to {plot_out}")
         return
     if not outputs or not references:
-        raise UserError("give --outputs and --references (or --plot REPORTS)")
+        raise UserError("give --outputs and --references (or --plot REPORTS, or --curves METRICS)")
     report = evaluate(outputs, references, oracle, oracle_model, batch_size, difficulty_field)
     atomic_write_json(out, report)
     se = report["standard_error"]

@@ -128,6 +128,10 @@ for ((t = 1; t <= ITERS; t++)); do
   fi
 done
 
+metrics=()
+for ((t = 1; t <= ITERS; t++)); do metrics+=("$OUT/iter$t/model/metrics.jsonl"); done
+"$PYTHON" evaluate.py --curves "$(IFS=,; echo "${metrics[*]}")" --plot_out "$OUT/training.png"
+
 if [[ "$evaluating" == 1 ]]; then
   reports=()
   for ((t = 1; t <= ITERS; t++)); do reports+=("$OUT/iter$t/report.json"); done
@@ -135,7 +139,7 @@ if [[ "$evaluating" == 1 ]]; then
   echo "== iteration $ITERS against the base model on $HELDOUT:"
   "$PYTHON" -c 'import json, sys; r = json.load(open(sys.argv[1])); print(json.dumps({k: r[k] for k in
     ("n", "win_rate", "standard_error", "lc_win_rate", "discrete_win_rate")}, indent=1))' "$OUT/iter$ITERS/report.json"
-  echo "== report: $OUT/iter$ITERS/report.json  plot: $OUT/plot.png  model: $model"
+  echo "== report: $OUT/iter$ITERS/report.json  plot: $OUT/plot.png  training curves: $OUT/training.png  model: $model"
 else
-  echo "== model: $model"
+  echo "== model: $model  training curves: $OUT/training.png"
 fi

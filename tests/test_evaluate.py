@@ -205,6 +205,30 @@ def test_plot_of_several_reports(tmp_path):
     assert evaluate._report_paths(",".join(reversed(paths))) == paths[::-1]  # given order kept
 
 
+def test_training_curves_of_two_runs_on_one_step_axis(tmp_path):
+    paths = []
+    for t in (1, 2):
+        os.makedirs(tmp_path / f"iter{t}" / "model")
+        path = tmp_path / f"iter{t}" / "model" / "metrics.jsonl"
+        rows = [dict(step=s, loss=1000.0 / (s + t), loss_pref=900.0 / (s + t), loss_rep=0.1, logratio_chosen=0.1 * s,
+                     logratio_rejected=-0.2 * s, target_chosen=5.0, target_rejected=-5.0, grad_norm=None if s == 2 else 3.0,
+                     gate_mean=0.2, latent_dist=0.3 + 0.01 * s) for s in (1, 2, 3)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths.append(str(path))
+    png = tmp_path / "training.png"
+    drawn = evaluate.plot_curves(evaluate._report_paths(str(tmp_path / "iter*" / "model" / "metrics.jsonl")), str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    x, y = drawn["loss"]
+    assert x == [1, 2, 3, 4, 5, 6]  # the second run continues the step axis
+    assert y == pytest.approx([500, 1000 / 3, 250, 1000 / 3, 250, 200])
+    assert math.isnan(drawn["grad_norm"][1][1]) and drawn["target_rejected"][1] == [-5.0] * 6
+    result = _cli("--curves", paths[0], "--plot_out", str(tmp_path / "one.png"))
+    assert result.returncode == 0 and (tmp_path / "one.png").exists(), result.stderr
+    (tmp_path / "bad.jsonl").write_text('{"win_rate": 50}\n')
+    result = _cli("--curves", str(tmp_path / "bad.jsonl"))
+    assert result.returncode == 2 and "bad.jsonl:1: field 'step'" in result.stderr
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *args], capture_output=True, text=True,
                           cwd=ROOT)

@@ -41,7 +41,7 @@ def test_two_iterations_then_resume_after_a_deleted_output(tiny_model_dir, model
         assert report["n"] == 2 and 0 <= report["win_rate"] <= 100
     assert "--model " + str(out / "iter1" / "model") in next(line for line in first if "sspo.py" in line and "iter2" in line)
     assert "--lr 1e-3" in next(line for line in first if "sspo.py" in line)  # extra arguments reach sspo.py
-    assert (out / "plot.png").exists()
+    assert (out / "plot.png").exists() and (out / "training.png").exists()
 
     trained = (out / "iter1" / "model" / "summary.json").stat().st_mtime_ns
     os.remove(out / "iter2" / "scored.jsonl")
