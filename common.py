@@ -195,8 +195,9 @@ def load_tokenizer(name):
     return tokenizer
 
 
-def load_causal_lm(name, dtype=None):
-    """(model, tokenizer) for a hub id, a local folder or PACKAGED_MODEL; dtype a torch dtype or None.
+def load_causal_lm(name, dtype=None, attn_implementation=None):
+    """(model, tokenizer) for a hub id, a local folder or PACKAGED_MODEL; dtype a torch dtype or None;
+    attn_implementation: transformers' (sdpa, eager, flash_attention_2, ...), None for its default.
 
     A folder that holds only a LoRA adapter (peft's adapter_config.json, as `sspo.py --lora_r` writes
     without --merge) gives its base model with the adapter merged in.
@@ -206,15 +207,16 @@ def load_causal_lm(name, dtype=None):
     path = resolve_model(name)
     adapter = os.path.isfile(os.path.join(path, "adapter_config.json")) and not os.path.isfile(os.path.join(path, "config.json"))
     tokenizer = load_tokenizer(name)
+    kwargs = dict(dtype=dtype) if attn_implementation is None else dict(dtype=dtype, attn_implementation=attn_implementation)
     try:
         if adapter:
             from peft import PeftConfig, PeftModel
 
-            base = AutoModelForCausalLM.from_pretrained(resolve_model(PeftConfig.from_pretrained(path).base_model_name_or_path), dtype=dtype)
+            base = AutoModelForCausalLM.from_pretrained(resolve_model(PeftConfig.from_pretrained(path).base_model_name_or_path), **kwargs)
             model = PeftModel.from_pretrained(base, path).merge_and_unload()
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError) as e:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, ImportError) as e:
         raise UserError(f"cannot load model '{name}': {str(e).splitlines()[0]}") from None
     return model, tokenizer
 

@@ -509,7 +509,7 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
          warmup_ratio=0.1, lr_schedule="linear", max_grad_norm=1.0, weight_decay=0.0, mixed_precision=None,
          gradient_checkpointing=False, logits_chunk=1024, group_by_length=True, keep_checkpoint=False,
          lora_r=0, lora_alpha=16, lora_dropout=0.0, lora_target_modules="all-linear", merge=False, report_to="none",
-         share_prompt=None):
+         share_prompt=None, attn_implementation=None):
     """Train one S-SPPO iteration: the policy starts as --model, which is also the reference pi_t.
 
     Args:
@@ -546,6 +546,7 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
       lora_target_modules: all-linear (every linear layer of attention and MLP) or a comma-separated list of module names
       merge: with LoRA, save the merged model in output_dir (and the adapter in output_dir/adapter); else the adapter alone
       report_to: none | tensorboard | wandb (through accelerate's trackers); metrics.jsonl is always written
+      attn_implementation: transformers' attention kernel: sdpa | eager | flash_attention_2 | ...; None: its default (sdpa)
       share_prompt: compute each pair's prompt once (one row prompt+chosen+rejected, a 4-D attention mask); None: when the attention takes such a mask, confirmed at start against separate rows
     """
     config = {k: v for k, v in locals().items()}
@@ -599,7 +600,8 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
     # Full fine-tuning keeps fp32 weights (bf16 weights would swallow lr-5e-7 updates; autocast gives the
     # bf16 speed); a frozen LoRA base may stay in the half precision it computes in.
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
-    policy, tokenizer = common.load_causal_lm(model, dtype=half if lora_r and half else torch.float32)
+    policy, tokenizer = common.load_causal_lm(model, dtype=half if lora_r and half else torch.float32,
+                                              attn_implementation=attn_implementation)
     examples, stats["truncated"] = tokenize_pairs(pairs, tokenizer, max_length)
     pad_id = tokenizer.pad_token_id
     policy.config.use_cache = False

@@ -272,6 +272,14 @@ def test_check_scorer_falls_back_when_the_model_ignores_the_layout(tiny_model_di
         sspo.check_scorer(no_positions, *args, share_prompt=True, strict=True)
 
 
+def test_attn_implementation_reaches_the_model_and_a_wrong_one_is_one_line(tiny_model_dir, tmp_path):
+    model, _ = common.load_causal_lm(tiny_model_dir, attn_implementation="eager")
+    assert model.config._attn_implementation == "eager"
+    data = write_scored(tmp_path / "scored.jsonl", n=2)
+    out = run_cli("--data", data, "--model", tiny_model_dir, "--output_dir", tmp_path / "run", "--attn_implementation", "nonsense")
+    assert out.returncode == 2 and "cannot load model" in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
 def test_can_share_prompt_only_where_the_mask_is_taken_as_given():
     from transformers import LlamaConfig, MistralConfig
 
