@@ -146,3 +146,14 @@ def test_two_node_config_names_a_rendezvous():
     config = load(os.path.join(ROOT, "configs", "two_node_fsdp2.yaml"))
     assert config.machine_rank == 0 and config.main_process_ip and config.main_process_port
     assert config.num_processes % config.num_machines == 0
+
+
+def test_gpu_configs_script_single_device_path_on_cpu(tmp_path):
+    """bench/gpu_configs.sh's CPU smoke: sspo.py under configs/single_gpu.yaml trains, reloads and resumes exactly."""
+    import subprocess
+
+    out = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_configs.sh"), "--cpu-smoke", "--work", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    row = next(line for line in (tmp_path / "RESULTS.md").read_text().splitlines() if line.startswith("| single_gpu |"))
+    assert "| ok | 4 |" in row and "reloads; resumed at step 2, max weight diff vs uninterrupted 0.0e+00" in row
