@@ -280,6 +280,43 @@ def test_attn_implementation_reaches_the_model_and_a_wrong_one_is_one_line(tiny_
     assert out.returncode == 2 and "cannot load model" in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
+ARCHITECTURES = {  # tiny random models of the families users train: (config class, its arguments, prompt shared?)
+    "llama": ("LlamaConfig", {}, True), "qwen2": ("Qwen2Config", {}, True), "qwen3": ("Qwen3Config", {"head_dim": 16}, True),
+    "mistral": ("MistralConfig", {"sliding_window": 4096}, True), "phi3": ("Phi3Config", {"eos_token_id": 2}, True),
+    "gemma2": ("Gemma2Config", {"head_dim": 16}, True),  # eager attention, soft-capped logits, sliding + full layers
+    "gpt2": ("GPT2Config", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 512, "bos_token_id": 1, "eos_token_id": 2}, True),
+    "bloom": ("BloomConfig", {"hidden_size": 64, "n_layer": 2, "n_head": 4}, False),  # ALiBi from a 2-D mask: rows apart
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_shared_prompt_across_architectures(arch):
+    """The start-up check takes the shared layout where it reproduces separate rows, and falls back where not."""
+    import transformers
+
+    cls, kwargs, shared = ARCHITECTURES[arch]
+    tokenizer = make_tokenizer()
+    if arch in ("gpt2", "bloom"):
+        config = getattr(transformers, cls)(vocab_size=len(tokenizer), **kwargs)
+    else:
+        config = getattr(transformers, cls)(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                            pad_token_id=3, **kwargs)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    sspo.disable_dropout(model)
+    scorer, examples = sspo.SequenceScorer(model), _random_examples(tokenizer, 3, seed=4)
+    assert sspo.check_scorer(scorer, examples, tokenizer.pad_token_id, "cpu", arch, share_prompt=sspo.can_share_prompt(config, 512)) is shared
+    if shared:  # and trains the same: gradients of shared rows == rows apart
+        grads = []
+        for share in (False, True):
+            model.zero_grad()
+            logps, pooled = scorer(**sspo.collate(examples, tokenizer.pad_token_id, share))
+            (logps.sum() + pooled.sum()).backward()
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        assert torch.allclose(grads[0], grads[1], atol=1e-4, rtol=1e-3)
+
+
 def test_can_share_prompt_only_where_the_mask_is_taken_as_given():
     from transformers import LlamaConfig, MistralConfig
 
