@@ -576,7 +576,7 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
         raise UserError(f"{output_dir} already holds a finished model: choose another --output_dir")
     if not resume and (_find_checkpoint(output_dir) or os.path.exists(os.path.join(output_dir, "metrics.jsonl"))):
         raise UserError(f"{output_dir} holds an unfinished run: add --resume to continue it, or choose another --output_dir")
-    saved = os.path.join(output_dir, "run_config.json")
+    saved, before = os.path.join(output_dir, "run_config.json"), {}
     if resume and os.path.exists(saved):
         with open(saved) as f:
             before = json.load(f)
@@ -629,11 +629,13 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
         raise UserError(f"--share_prompt True: this model's attention ({policy.config._attn_implementation!r}, sliding window "
                         f"{getattr(policy.config, 'sliding_window', None)}) cannot take sspo.py's 4-D mask at --max_length "
                         f"{max_length}; leave the flag out")
+    wanted, strict = (can_share_prompt(policy.config, max_length), False) if share_prompt is None else (share_prompt, True)
+    if "share_prompt_used" in before:  # a resumed run keeps its layout: its steps were cut by it
+        wanted, strict = before["share_prompt_used"], True
     with accelerator.autocast():
         shortest = sorted(examples, key=lambda e: len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]))[:2]
         share = check_scorer(scorer, shortest, pad_id, device, policy.config.model_type,  # full logits: keep them small
-                             can_share_prompt(policy.config, max_length) if share_prompt is None else share_prompt,
-                             strict=share_prompt is not None, low_precision=accelerator.mixed_precision != "no")
+                             wanted, strict=strict, low_precision=accelerator.mixed_precision != "no")
     stats["share_prompt_used"] = share
 
     global_batch = batch_size * grad_accum * world
