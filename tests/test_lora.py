@@ -11,11 +11,11 @@ from test_sspo import logratios, run_cli, write_scored
 peft = pytest.importorskip("peft")
 
 
-def _batch(model_dir, data):
+def _batch(model_dir, data, share_prompt=False):
     tokenizer = common.load_tokenizer(model_dir)
     pairs, _ = sspo.load_pairs(str(data), "sspo", 0.55, 0.95)
     examples, _ = sspo.tokenize_pairs(pairs, tokenizer, 512)
-    return sspo.collate(examples, tokenizer.pad_token_id), len(pairs)
+    return sspo.collate(examples, tokenizer.pad_token_id, share_prompt), len(pairs)
 
 
 def test_lora_training_references_and_saved_forms(tiny_model_dir, tmp_path):
@@ -62,10 +62,11 @@ def test_lora_training_references_and_saved_forms(tiny_model_dir, tmp_path):
     assert aw > 0.5 and al < -0.5, (aw, al)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, tmp_path, share_prompt):
     from transformers import AutoModelForCausalLM
 
-    batch, b = _batch(tiny_model_dir, write_scored(tmp_path / "scored.jsonl", n=4))
+    batch, b = _batch(tiny_model_dir, write_scored(tmp_path / "scored.jsonl", n=4), share_prompt)
     grads = []
     for checkpointing in (False, True):
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
