@@ -282,8 +282,8 @@ def can_share_prompt(config, max_length):
     layer full attention (or a sliding window no shorter than max_length). check_scorer confirms it."""
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
     kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
-    full = kinds <= {"full_attention"} or (kinds <= {"full_attention", "sliding_attention"} and window and max_length <= window)
-    return getattr(config, "_attn_implementation", None) in ("sdpa", "eager") and (not window or max_length <= window) and bool(full)
+    return (getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+            and kinds <= {"full_attention", "sliding_attention"} and (not window or max_length <= window))
 
 
 # ================================================================================= the model
@@ -641,6 +641,7 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
     global_batch = batch_size * grad_accum * world
     lengths = [len(e["prompt_ids"]) + (len(e["chosen_ids"]) + len(e["rejected_ids"]) if share else
                                        max(len(e["chosen_ids"]), len(e["rejected_ids"]))) for e in examples]
+    pair_tokens = [2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples]  # as if apart
     steps = step_batches(lengths, global_batch, seed, epochs, group_by_length)
     total, warmup = len(steps), math.ceil(warmup_ratio * len(steps))
 
@@ -736,8 +737,7 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
                 dist = (F.normalize(pooled[:b], dim=-1) - F.normalize(pooled[b:], dim=-1)).norm(dim=-1)
                 sums += weight * torch.stack([per_pair.sum(), pref_loss.sum(), rep.sum(), a_w.sum(), a_l.sum(),
                                               eta * (win_w - 0.5).sum(), eta * (win_l - 0.5).sum(), gate.sum(), dist.sum()])
-                tokens += sum(2 * len(examples[i]["prompt_ids"]) + len(examples[i]["chosen_ids"])
-                              + len(examples[i]["rejected_ids"]) for i in idx) * weight  # both rows' tokens, as if apart
+                tokens += sum(pair_tokens[i] for i in idx) * weight
         grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
