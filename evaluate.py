@@ -246,7 +246,7 @@ def _report_paths(plot):
     for item in (str(x).strip() for x in items if str(x).strip()):
         matches = glob.glob(item)
         if not matches and not os.path.exists(item):
-            raise UserError(f"{item}: no such report")
+            raise UserError(f"{item}: no such report or metrics file")
         paths += sorted(matches, key=lambda s: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]) or [item]
     return paths
 
