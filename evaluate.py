@@ -122,13 +122,13 @@ def _cross_entropy(p, q):
     return -np.mean(p * np.log(q) + (1 - p) * np.log(1 - q))
 
 
-def _vector(values, name):
+def _vector(values, name, where="win_rates"):
     try:
         x = np.asarray(values, dtype=float).reshape(-1)
     except (TypeError, ValueError):
-        raise UserError(f"win_rates: {name} must be a sequence of numbers") from None
+        raise UserError(f"{where}: {name} must be a sequence of numbers") from None
     if not np.isfinite(x).all():
-        raise UserError(f"win_rates: {name} holds a NaN or an infinite value")
+        raise UserError(f"{where}: {name} holds a NaN or an infinite value")
     return x
 
 
@@ -136,6 +136,74 @@ def distinct_n(texts, n):
     """Distinct-n (Li et al. 2016): unique word n-grams / all word n-grams over all texts (lowercased)."""
     grams = [tuple(words[i:i + n]) for words in (t.lower().split() for t in texts) for i in range(len(words) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def bootstrap_interval(values, resamples=10000, seed=0, level=0.95):
+    """(mean, [low, high]): the mean of `values` and its percentile bootstrap interval, resampling rows.
+
+    Given per-prompt differences (outputs - references) it is the paired bootstrap: a prompt's two
+    scores are resampled together, so what the prompts share cancels. Seeded: the same input gives
+    the same interval. A constant vector gives that constant as both ends.
+    """
+    x = _vector(values, "values", "bootstrap_interval")
+    if len(x) == 0:
+        raise UserError("bootstrap_interval: no values")
+    rng, means = np.random.default_rng(seed), []
+    for start in range(0, resamples, max(1, 2 ** 22 // len(x))):  # bounded memory for long files
+        rows = rng.integers(0, len(x), size=(min(resamples - start, max(1, 2 ** 22 // len(x))), len(x)))
+        means.append(x[rows].mean(1))
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(np.concatenate(means), [tail, 100 - tail])
+    # a resampled mean of a constant can differ from it in the last bit: clip to the observed range
+    return float(x.mean()), [float(max(low, x.min())), float(min(high, x.max()))]
+
+
+def constraint_scores(rows):
+    """Per-prompt constraint metrics over ALL of a row's responses (each a mean over the K responses).
+
+    Returns {"score": [per prompt, binary credit: the fraction of constraints met, README table],
+    "graded": [the same with the rule oracle's graded credit], "all_met": [share of responses meeting
+    every constraint], "by_type": {type: [per (prompt, constraint) share of responses meeting it]}}.
+    """
+    import oracle
+
+    out = {"score": [], "graded": [], "all_met": [], "by_type": {}}
+    for row in rows:
+        ys, cs = row["responses"], row["constraints"]
+        binary = [oracle.constraint_score(y, cs, "binary") for y in ys]
+        out["score"].append(float(np.mean(binary)))
+        out["graded"].append(float(np.mean([oracle.constraint_score(y, cs, "graded") for y in ys])))
+        out["all_met"].append(float(np.mean([s == 1.0 for s in binary])))
+        for c in cs:
+            met = [bool(y.strip()) and oracle.meets(y, c) for y in ys]
+            out["by_type"].setdefault(c["type"], []).append(float(np.mean(met)))
+    return out
+
+
+def constraint_report(out_rows, ref_rows, resamples=10000, seed=0):
+    """The report's "constraints" section: outputs and references on the same prompts, and their difference."""
+    outs, refs = constraint_scores(out_rows), constraint_scores(ref_rows)
+
+    def interval(values):
+        mean, ci = bootstrap_interval(values, resamples, seed)
+        return {"mean": mean, "ci": ci}
+
+    def side(scores, rows):
+        return {"score": interval(scores["score"]), "all_met": interval(scores["all_met"]),
+                "graded_score": float(np.mean(scores["graded"])),
+                "responses_per_prompt": float(np.mean([len(r["responses"]) for r in rows])),
+                "by_type": {t: {"met": float(np.mean(v)), "n": len(v)} for t, v in sorted(scores["by_type"].items())}}
+
+    return {
+        "n": len(out_rows),
+        "how": "binary credit (README table); a prompt's score is the mean over ALL its responses (the win rate "
+               f"judges the first only); 95% percentile bootstrap over prompts ({resamples} resamples, seed {seed}), "
+               "paired for the difference outputs - references",
+        "outputs": side(outs, out_rows),
+        "references": side(refs, ref_rows),
+        "difference": {"score": interval(np.subtract(outs["score"], refs["score"])),
+                       "all_met": interval(np.subtract(outs["all_met"], refs["all_met"]))},
+    }
 
 
 # ------------------------------------------------------------------------------------ the files
@@ -187,7 +255,8 @@ def _load_oracle(kind, oracle_model, batch_size):
     return backend_class(model, batch_size=batch_size), model
 
 
-def evaluate(outputs, references, oracle="pairrm", oracle_model=None, batch_size=32, difficulty_field=None):
+def evaluate(outputs, references, oracle="pairrm", oracle_model=None, batch_size=32, difficulty_field=None,
+             bootstrap=10000, seed=0):
     """The report dict of `outputs` judged against `references` (see main)."""
     from tqdm import tqdm
 
@@ -231,10 +300,30 @@ def evaluate(outputs, references, oracle="pairrm", oracle_model=None, batch_size
     report.update({
         "outputs": {"path": outputs, "generator": outs[0].get("generator"), **_first_response_stats(outs)},
         "references": {"path": references, "generator": refs[0].get("generator"), **_first_response_stats(refs)},
-        "oracle": {"kind": oracle, "model": judge_model},
+        "oracle": {"kind": oracle, "model": judge_model, **({"credit": judge.credit} if oracle == "rule" else {})},
         "preference": dict(zip(ids, preference)),
     })
+    constrained = [i for i in ids if "constraints" in out_rows[i][1]]
+    if constrained:  # absolute quality: the prompts' verifiable constraints (oracle.py's rule checks)
+        report["constraints"] = constraint_report(*_checked_constraints(outputs, out_rows, ref_rows, constrained),
+                                                  resamples=bootstrap, seed=seed)
+        if len(constrained) < len(ids):
+            print(f"warning: {len(ids) - len(constrained)} of {len(ids)} outputs carry no 'constraints': "
+                  "constraint scores are over the others", file=sys.stderr)
     return report
+
+
+def _checked_constraints(path, out_rows, ref_rows, ids):
+    """(output rows, reference rows) of `ids`, each output's "constraints" checked (the reference uses them too)."""
+    import oracle
+
+    for i in ids:
+        line, row = out_rows[i]
+        problem = oracle.constraint_problem(row["constraints"])
+        if problem:
+            raise field_error(path, line, "constraints", problem)
+    return ([out_rows[i][1] for i in ids],
+            [{**ref_rows[i][1], "constraints": out_rows[i][1]["constraints"]} for i in ids])
 
 
 # ---------------------------------------------------------------------------------------- plot
@@ -251,13 +340,8 @@ def _report_paths(plot):
     return paths
 
 
-def plot_reports(paths, png):
-    """Draw win rate (± standard error) and LC win rate per report, in the order given, into `png`."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers
-    import matplotlib.pyplot as plt
-
+def read_reports(paths):
+    """The evaluate.py reports at `paths`, each checked for the win rates."""
     reports = []
     for path in paths:
         try:
@@ -269,24 +353,86 @@ def plot_reports(paths, png):
             if key not in report:
                 raise UserError(f"{path}: field '{key}': missing: is this an evaluate.py report?")
         reports.append(report)
+    return reports
+
+
+def _names(paths):
+    """The folder of each report names its iteration in scripts/iterate.sh's layout (runs/demo/iter1/...)."""
+    return [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in paths]
+
+
+def summary_table(paths, reports):
+    """A markdown table: the references of the first report (e.g. the base model), then each report's outputs.
+
+    Columns: mean constraint score [95% CI], its paired difference from the references [95% CI], share
+    meeting all constraints, win rate against the references (± s.e.), prompts x responses per prompt.
+    The constraint columns are "-" for reports without a constraints section.
+    """
+    def row(name, side, diff, win_rate, n):
+        if side is None:
+            return f"| {name} | - | - | - | {win_rate} | {n} |"
+        score, k = side["score"], f"{side['responses_per_prompt']:g}"
+        vs = "-" if diff is None else f"{diff['mean']:+.3f} [{diff['ci'][0]:+.3f}, {diff['ci'][1]:+.3f}]"
+        return (f"| {name} | {score['mean']:.3f} [{score['ci'][0]:.3f}, {score['ci'][1]:.3f}] | {vs} | "
+                f"{100 * side['all_met']['mean']:.1f}% | {win_rate} | {n} x {k} |")
+
+    lines = ["| model | constraint score [95% CI] | vs base [paired 95% CI] | meets all | win rate vs base | prompts x K |",
+             "|---|---|---|---|---|---|"]
+    first = reports[0].get("constraints")
+    if first:
+        lines.append(row("base", first["references"], None, "-", first["n"]))
+    for name, r in zip(_names(paths), reports):
+        c, se = r.get("constraints"), r.get("standard_error")
+        win_rate = f"{r['win_rate']:.1f}" + (f" ± {se:.1f}" if se is not None else "")
+        lines.append(row(name, c and c["outputs"], c and c["difference"]["score"], win_rate, c["n"] if c else r.get("n", "-")))
+    return "\n".join(lines)
+
+
+def plot_reports(paths, png):
+    """Draw, per report in the order given, win rate (± s.e.) and LC win rate, and beside it the mean
+    constraint score with its 95% interval (the first report's references drawn as "base"), into `png`.
+    Returns the reports."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    reports = read_reports(paths)
     x = np.arange(1, len(reports) + 1)
     se = [r.get("standard_error") or 0.0 for r in reports]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    constrained = all("constraints" in r for r in reports)
+    fig, axes = plt.subplots(1, 2 if constrained else 1, figsize=(11 if constrained else 6, 4), squeeze=False)
+    ax = axes[0, 0]
     ax.errorbar(x, [r["win_rate"] for r in reports], yerr=se, marker="o", capsize=3, label="win rate (± s.e.)")
     ax.plot(x, [r["lc_win_rate"] if r["lc_win_rate"] is not None else np.nan for r in reports], marker="s",
             label="LC win rate")
     ax.axhline(50, color="grey", lw=0.8, ls="--")
-    # The folder of each report names its iteration in scripts/iterate.sh's layout (runs/demo/iter1/...).
-    ax.set_xticks(x, [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in paths])
+    ax.set_xticks(x, _names(paths))
     ax.set_xlabel("iteration")
     ax.set_ylabel("% against the reference")
     ax.set_ylim(0, 100)
     ax.legend()
-    ax.set_title("win rate against the reference per iteration")
+    ax.set_title("win rate against the reference per iteration", fontsize=10)
+    if constrained:
+        ax = axes[0, 1]
+        sides = [reports[0]["constraints"]["references"]] + [r["constraints"]["outputs"] for r in reports]
+        xs = np.arange(len(sides))
+        mean = np.array([s["score"]["mean"] for s in sides])
+        ci = np.array([s["score"]["ci"] for s in sides])
+        ax.errorbar(xs, mean, yerr=[mean - ci[:, 0], ci[:, 1] - mean], marker="o", capsize=3,
+                    label="mean constraint score (95% CI)")
+        ax.plot(xs, [s["all_met"]["mean"] for s in sides], marker="s", ls="--", label="share meeting all")
+        ax.axhline(mean[0], color="grey", lw=0.8, ls=":")
+        ax.set_xticks(xs, ["base"] + _names(paths))
+        ax.set_xlabel("iteration")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8)
+        ax.set_title("held-out constraints (binary credit, all responses)", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
     fig.savefig(png, dpi=120)
     plt.close(fig)
+    return reports
 
 
 CURVES = [  # (panel title, [(metrics.jsonl field, label, line style)], log scale)
@@ -353,7 +499,7 @@ def plot_curves(paths, png):
 # ----------------------------------------------------------------------------------------- CLI
 
 def main(outputs=None, references=None, oracle="pairrm", oracle_model=None, out="report.json", batch_size=32,
-         difficulty_field=None, plot=None, curves=None, plot_out="plot.png"):
+         difficulty_field=None, bootstrap=10000, seed=0, plot=None, curves=None, plot_out="plot.png"):
     """Judge a model's outputs against reference outputs (AlpacaEval 2.0 win rates), or plot reports or training curves.
 
     Args:
@@ -364,7 +510,10 @@ def main(outputs=None, references=None, oracle="pairrm", oracle_model=None, out=
         out: where the report JSON goes
         batch_size: texts or pairs per forward pass of the judge
         difficulty_field: name of a numeric per-prompt difficulty field to add to the GLM (length_controlled_noreg)
-        plot: reports to plot instead (comma-separated paths, each may be a quoted glob), in iteration order
+        bootstrap: resamples of the bootstrap intervals of the constraint scores (rows with "constraints")
+        seed: seed of those resamples (the same files and seed give the same intervals)
+        plot: reports to plot instead (comma-separated paths, each may be a quoted glob), in iteration order;
+            also prints their table (constraint scores with intervals, win rates)
         curves: sspo.py metrics.jsonl files to plot instead (comma-separated, globs), drawn one after another
         plot_out: where the plot PNG goes
     """
@@ -375,12 +524,15 @@ def main(outputs=None, references=None, oracle="pairrm", oracle_model=None, out=
         return
     if plot is not None:
         paths = _report_paths(plot)
-        plot_reports(paths, plot_out)
+        reports = plot_reports(paths, plot_out)
+        print(summary_table(paths, reports))
         print(f"plotted {len(paths)} reports to {plot_out}")
         return
     if not outputs or not references:
         raise UserError("give --outputs and --references (or --plot REPORTS, or --curves METRICS)")
-    report = evaluate(outputs, references, oracle, oracle_model, batch_size, difficulty_field)
+    if bootstrap < 1:
+        raise UserError("--bootstrap must be at least 1")
+    report = evaluate(outputs, references, oracle, oracle_model, batch_size, difficulty_field, bootstrap, seed)
     atomic_write_json(out, report)
     se = report["standard_error"]
     lc = report["lc_win_rate"]
@@ -390,7 +542,14 @@ def main(outputs=None, references=None, oracle="pairrm", oracle_model=None, out=
           + f"  discrete {report['discrete_win_rate']:.1f}%"
           + f"  mean length {report['outputs']['mean_length_chars']:.0f} vs "
           + f"{report['references']['mean_length_chars']:.0f} chars"
+          + (_constraint_line(report["constraints"]) if "constraints" in report else "")
           + f"  -> {out}")
+
+
+def _constraint_line(c):
+    d = c["difference"]["score"]
+    return (f"  constraint score {c['outputs']['score']['mean']:.3f} vs {c['references']['score']['mean']:.3f}"
+            f" (difference {d['mean']:+.3f}, 95% CI [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}])")
 
 
 if __name__ == "__main__":

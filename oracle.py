@@ -277,8 +277,13 @@ class JudgeOracle(PairwiseOracle):
 #     {"id": "t0001", "prompt": "...", "constraints": [{"type": "max_words", "n": 50},
 #                                                      {"type": "include_words", "words": ["river"]}]}
 #
-# score(response) = the fraction of the row's constraints the response meets (every constraint weighs
-# the same; an empty response scores 0, so saying nothing never satisfies "at most 50 words"), and
+# Each constraint earns a credit in [0, 1] and score(response) = the mean credit over the row's
+# constraints (every constraint weighs the same; an empty response scores 0, so saying nothing never
+# satisfies "at most 50 words"). Two credits (README.md's table defines both):
+# - binary: 1 when the constraint is met, else 0 (`meets`): what evaluation reports, always;
+# - graded (the default for training): 1 exactly when met, else a partial credit that falls with the
+#   distance from meeting it (`partial_credit`), so answers that all miss a constraint still differ and
+#   fewer prompts give no pair. Measured on the demo (K=4, 96 prompts): see README.md.
 #
 #     P_ij = sigmoid( (score_i - score_j) / temperature ),   P_ii = 1/2,   P_ji = 1 - P_ij.
 #
@@ -286,6 +291,7 @@ class JudgeOracle(PairwiseOracle):
 # two 0.92, all versus none 0.993: a clear, not certain, preference. Equal scores give exactly 1/2.
 
 DEFAULT_TEMPERATURE = 0.2
+CREDITS = ("graded", "binary")  # the first is the default
 BULLET = re.compile(r"^\s*[-*\u2022]\s+\S")  # a markdown bullet line: "- x", "* x" or "• x"
 FENCE = re.compile(r"^```[a-zA-Z]*\s*\n(.*)\n```$", re.S)
 
@@ -354,25 +360,87 @@ def meets(response, constraint):
     return bool(CHECKS[constraint["type"]][1](response.strip(), constraint))
 
 
-def constraint_score(response, constraints):
-    """The fraction of `constraints` that `response` meets; 0 for an empty response."""
+def _closeness(count, n):
+    """min/max of two counts: 1 when equal, falling to 0 as they part (0 when one of them is 0)."""
+    return 1.0 if count == n else min(count, n) / max(count, n)
+
+
+def _shared_share(a, b, from_end=False):
+    """The share of `b`'s characters that `a` shares with it at its start (or end), ignoring case."""
+    a, b = a.lower(), b.lower()
+    if from_end:
+        a, b = a[::-1], b[::-1]
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n / len(b)
+
+
+def _phrase_credit(r, c, from_end):
+    """Half credit for a phrase that occurs out of place; else the share of it already in place."""
+    phrase = c["phrase"].strip()
+    return max(0.5 if phrase.lower() in r.lower() else 0.0, _shared_share(r, phrase, from_end))
+
+
+def _case_share(r, upper):
+    """The share of letters already in the wanted case (0 without a letter)."""
+    letters = [ch for ch in r if ch.isalpha()]
+    wrong = sum(ch != (ch.upper() if upper else ch.lower()) for ch in letters)
+    return 1 - wrong / len(letters) if letters else 0.0
+
+
+def _has_json_inside(r):
+    start = min((i for i in (r.find("{"), r.find("[")) if i >= 0), default=-1)
+    end = max(r.rfind("}"), r.rfind("]"))
+    return 0 <= start < end and _is_json(r[start:end + 1])
+
+
+# type -> the credit of a response that does NOT meet it (always < 1), from the stripped response.
+PARTIAL = {
+    "max_words": lambda r, c: c["n"] / len(words(r)),  # over the limit: limit / words
+    "min_words": lambda r, c: len(words(r)) / c["n"],  # under: words / minimum
+    "include_words": lambda r, c: sum(_has_word(r, w) for w in c["words"]) / len(c["words"]),
+    "exclude_words": lambda r, c: sum(not _has_word(r, w) for w in c["words"]) / len(c["words"]),
+    "lowercase": lambda r, c: _case_share(r, upper=False),
+    "uppercase": lambda r, c: _case_share(r, upper=True),
+    "bullets": lambda r, c: _closeness(sum(bool(BULLET.match(line)) for line in r.splitlines()), c["n"]),
+    "paragraphs": lambda r, c: _closeness(len([p for p in re.split(r"\n\s*\n", r) if p.strip()]), c["n"]),
+    "start_with": lambda r, c: _phrase_credit(r, c, from_end=False),
+    "end_with": lambda r, c: _phrase_credit(r, c, from_end=True),
+    "json": lambda r, c: 0.5 if _has_json_inside(r) else 0.0,  # JSON with text around it
+    "no_commas": lambda r, c: 1 / (1 + r.count(",")),
+}
+
+
+def credit(response, constraint, kind="graded"):
+    """One constraint's credit in [0, 1]: 1 exactly when met; else 0 (binary) or `PARTIAL` (graded)."""
+    if meets(response, constraint):
+        return 1.0
+    return float(PARTIAL[constraint["type"]](response.strip(), constraint)) if kind == "graded" else 0.0
+
+
+def constraint_score(response, constraints, kind="binary"):
+    """The mean credit over `constraints` (binary: the fraction met); 0 for an empty response."""
     if not response.strip():
         return 0.0
-    return sum(meets(response, c) for c in constraints) / len(constraints)
+    return sum(credit(response, c, kind) for c in constraints) / len(constraints)
 
 
 class RuleOracle(Oracle):
     """P_ij = sigmoid((score_i - score_j) / temperature) from constraint scores; needs no model.
 
-    Each row needs "responses" (K strings) and "constraints" (see the top of this file).
+    Each row needs "responses" (K strings) and "constraints" (see the top of this file). `credit`:
+    "graded" (partial credit for near misses) or "binary" (the fraction of constraints met).
     """
     needs_model = False
 
-    def __init__(self, model=None, batch_size=32, device=None, temperature=DEFAULT_TEMPERATURE):
+    def __init__(self, model=None, batch_size=32, device=None, temperature=DEFAULT_TEMPERATURE, credit=CREDITS[0]):
         super().__init__(model, batch_size, device)
         if not temperature > 0:
             raise UserError(f"the rule oracle's temperature must be > 0, got {temperature!r}")
-        self.temperature = temperature
+        if credit not in CREDITS:
+            raise UserError(f"--rule_credit must be one of {', '.join(CREDITS)}, not {credit!r}")
+        self.temperature, self.credit = temperature, credit
 
     def pref(self, rows):
         out = []
@@ -380,7 +448,7 @@ class RuleOracle(Oracle):
             problem = constraint_problem(row.get("constraints"))
             if problem:
                 raise UserError(f"row id {row.get('id')!r}: field 'constraints': {problem}")
-            s = [constraint_score(y, row["constraints"]) for y in row["responses"]]
+            s = [constraint_score(y, row["constraints"], self.credit) for y in row["responses"]]
             out.append(pref_matrix(len(s), lambda i, j: 1 / (1 + math.exp((s[j] - s[i]) / self.temperature))))
         return out
 
@@ -473,7 +541,7 @@ def read_responses(path):
 
 
 def main(data="responses.jsonl", out="scored.jsonl", oracle="pairrm", oracle_model=None, embedder=PACKAGED_EMBEDDER,
-         batch_size=32):
+         batch_size=32, rule_credit=None):
     """Add pairwise win probabilities "pref" and similarities "sim" (K x K each) to each line.
 
     python oracle.py --data responses.jsonl --out scored.jsonl                    # PairRM (llm-blender/PairRM-hf)
@@ -492,17 +560,27 @@ def main(data="responses.jsonl", out="scored.jsonl", oracle="pairrm", oracle_mod
         oracle_model: hub id or folder; None: pairrm llm-blender/PairRM-hf, judge the packaged SmolLM2, reward: required
         embedder: sentence encoder for "sim"; default the packaged all-MiniLM-L6-v2 (needs no hub)
         batch_size: texts (reward, embedder) or ordered pairs (pairrm, judge) per forward pass
+        rule_credit: the rule backend's credit per constraint, "graded" or "binary"; None: graded
     """
     from tqdm import tqdm
 
     backend_class, model = load_backend(oracle, oracle_model, batch_size)
+    options = {}
+    if rule_credit is not None:
+        if oracle != "rule":
+            raise UserError(f"--rule_credit is an option of --oracle rule, not of --oracle {oracle}")
+        if rule_credit not in CREDITS:
+            raise UserError(f"--rule_credit must be one of {', '.join(CREDITS)}, not {rule_credit!r}")
+        options["credit"] = rule_credit
     rows = read_responses(data)
     stamp = {"kind": oracle, "model": model, "embedder": embedder}
+    if oracle == "rule":
+        stamp["credit"] = options.get("credit", CREDITS[0])
     with JsonlAppender(out) as writer:
         check_same_run(out, "oracle", stamp)
         todo = [row for row in rows if row["id"] not in writer.done]
         if todo:  # a finished stage re-runs in a second: no model to load
-            backend = backend_class(model, batch_size=batch_size)
+            backend = backend_class(model, batch_size=batch_size, **options)
             sims = Embedder(embedder, batch_size=batch_size)
         bar, t0, n_pairs = tqdm(total=len(todo), unit="prompt"), time.time(), 0
         for chunk in _chunks(todo, CHUNK_BATCHES * batch_size):

@@ -12,6 +12,8 @@
 #   PROMPTS        training prompts; "{iter}" in it becomes the iteration number (SPPO's one split per iteration)
 #   HELDOUT        held-out prompts for evaluation (default data/demo_heldout.jsonl; "none": no evaluation)
 #   K              responses per prompt;  MAX_NEW_TOKENS  longest response (training and evaluation)
+#   HELDOUT_K      responses per held-out prompt (default 1): constraint scores average them all, which
+#                  cuts the variance of the comparison; the win rate judges the first
 #   ITERS          iterations (default 3);  SEED  base seed (default 0; iteration t samples with SEED + t)
 #   LOSS           sspo | sppo | sppo_hard | dpo | ipo
 #   ORACLE, ORACLE_MODEL, EMBEDDER   the judge (training and evaluation) and the similarity encoder
@@ -23,10 +25,11 @@
 #                  arguments after the script name go to sspo.py as well.
 #
 # Layout: OUT/base_heldout.jsonl, OUT/iter<t>/{responses.jsonl, scored.jsonl, model/, heldout.jsonl,
-# report.json}, OUT/plot.png. A stage writes <output>.done after it succeeds; a re-run skips every
-# stage whose output and marker exist, and resumes the one that was killed (generate.py and oracle.py
-# append what is missing, sspo.py --resume continues from its checkpoint). Once a stage has run, every
-# stage made from its output is redone from scratch. Delete a stage's output to redo it and what follows.
+# report.json}, OUT/plot.png, OUT/summary.md (the base model and every iteration in one table).
+# A stage writes <output>.done after it succeeds; a re-run skips every stage whose output and marker
+# exist, and resumes the one that was killed (generate.py and oracle.py append what is missing, sspo.py
+# --resume continues from its checkpoint). Once a stage has run, every stage made from its output is
+# redone from scratch. Delete a stage's output to redo it and what follows.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -37,6 +40,7 @@ MODEL="${MODEL:-}"
 PROMPTS="${PROMPTS:-}"
 HELDOUT="${HELDOUT:-data/demo_heldout.jsonl}"
 K="${K:-}"
+HELDOUT_K="${HELDOUT_K:-1}"
 MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-}"
 ITERS="${ITERS:-3}"
 SEED="${SEED:-0}"
@@ -93,7 +97,7 @@ base_stale=0
 if [[ "$evaluating" == 1 ]]; then
   mapfile -t base_model < <(flag model "$MODEL")
   run_stage 0 "$OUT/base_heldout.jsonl" "${launch[@]}" generate.py "${base_model[@]}" --prompts "$HELDOUT" \
-    --out "$OUT/base_heldout.jsonl" --k 1 --seed "$SEED" "${sampling[@]}" "${generate_args[@]}"
+    --out "$OUT/base_heldout.jsonl" --k "$HELDOUT_K" --seed "$SEED" "${sampling[@]}" "${generate_args[@]}"
   base_stale="$RAN"
 fi
 
@@ -121,7 +125,7 @@ for ((t = 1; t <= ITERS; t++)); do
 
   if [[ "$evaluating" == 1 ]]; then
     run_stage "$stale" "$dir/heldout.jsonl" "${launch[@]}" generate.py --model "$model" --prompts "$HELDOUT" \
-      --out "$dir/heldout.jsonl" --k 1 --seed "$SEED" "${sampling[@]}" "${generate_args[@]}"
+      --out "$dir/heldout.jsonl" --k "$HELDOUT_K" --seed "$SEED" "${sampling[@]}" "${generate_args[@]}"
     run_stage "$((stale | RAN | base_stale))" "$dir/report.json" "$PYTHON" evaluate.py \
       --outputs "$dir/heldout.jsonl" --references "$OUT/base_heldout.jsonl" --out "$dir/report.json" \
       "${judge[@]}" "${eval_args[@]}"
@@ -135,10 +139,8 @@ for ((t = 1; t <= ITERS; t++)); do metrics+=("$OUT/iter$t/model/metrics.jsonl");
 if [[ "$evaluating" == 1 ]]; then
   reports=()
   for ((t = 1; t <= ITERS; t++)); do reports+=("$OUT/iter$t/report.json"); done
-  "$PYTHON" evaluate.py --plot "$(IFS=,; echo "${reports[*]}")" --plot_out "$OUT/plot.png"
-  echo "== iteration $ITERS against the base model on $HELDOUT:"
-  "$PYTHON" -c 'import json, sys; r = json.load(open(sys.argv[1])); print(json.dumps({k: r[k] for k in
-    ("n", "win_rate", "standard_error", "lc_win_rate", "discrete_win_rate")}, indent=1))' "$OUT/iter$ITERS/report.json"
+  echo "== the base model and each iteration on $HELDOUT (constraint scores: binary credit, 95% bootstrap intervals):"
+  "$PYTHON" evaluate.py --plot "$(IFS=,; echo "${reports[*]}")" --plot_out "$OUT/plot.png" | tee "$OUT/summary.md"
   echo "== report: $OUT/iter$ITERS/report.json  plot: $OUT/plot.png  training curves: $OUT/training.png  model: $model"
 else
   echo "== model: $model  training curves: $OUT/training.png"

@@ -134,15 +134,30 @@ def test_report_from_the_cli(tmp_path, capsys):
     out = tmp_path / "report.json"
     evaluate.main(outputs=outputs, references=references, oracle="rule", out=str(out))
     report = json.loads(out.read_text())
-    # Scores (lowercase, at most 4 words), output vs reference: 1 vs 1/2, 1 vs 1, 0 vs 1/2, 1 vs 1/2.
-    win = 1 / (1 + math.exp(-0.5 / DEFAULT_TEMPERATURE))
-    assert report["preference"] == pytest.approx({"q0": win, "q1": 0.5, "q2": 1 - win, "q3": win})
+    # The judge is the rule oracle at its default, graded credit (lowercase: share of letters in lower case;
+    # at most 4 words: 4 / words). Score differences output - reference of the first responses:
+    # q0 1 - (3/4 + 1)/2 = 1/8;  q1 0;  q2 (17/22 + 4/6)/2 - (1 + 4/6)/2 = -5/44;  q3 1 - (0 + 1)/2 = 1/2.
+    p = [1 / (1 + math.exp(-d / DEFAULT_TEMPERATURE)) for d in (1 / 8, 0, -5 / 44, 1 / 2)]
+    assert report["preference"] == pytest.approx(dict(zip(["q0", "q1", "q2", "q3"], p)))
     assert report["n"] == 4
-    assert report["win_rate"] == pytest.approx(100 * (win + 1.5) / 4)
+    assert report["win_rate"] == pytest.approx(100 * np.mean(p))
     assert report["discrete_win_rate"] == 62.5
-    assert report["standard_error"] == pytest.approx(100 * np.std([win, 0.5, 1 - win, win], ddof=1) / 2)
+    assert report["standard_error"] == pytest.approx(100 * np.std(p, ddof=1) / 2)
     assert 0 <= report["lc_win_rate"] <= 100 and set(report["lc_glm"]["weights"]) == {"length", "model"}
-    assert report["oracle"] == {"kind": "rule", "model": None}
+    assert report["oracle"] == {"kind": "rule", "model": None, "credit": "graded"}
+    # Constraint scores, binary credit, over BOTH responses of a row (the second, "unused second sample",
+    # meets both): outputs 1, 1, 1/2, 1; references 3/4, 1, 3/4, 3/4 (each first response meets one of two).
+    c = report["constraints"]
+    assert c["n"] == 4 and c["outputs"]["responses_per_prompt"] == 2
+    assert c["outputs"]["score"]["mean"] == pytest.approx(0.875)
+    assert c["references"]["score"]["mean"] == pytest.approx(0.8125)
+    assert c["difference"]["score"]["mean"] == pytest.approx(0.0625)
+    lo, hi = c["difference"]["score"]["ci"]
+    assert -0.125 <= lo < 0.0625 < hi <= 0.25  # resampled means of (1/4, 0, -1/4, 1/4) stay in their range
+    assert c["outputs"]["all_met"]["mean"] == pytest.approx(0.875)  # 7 of 8 responses meet both
+    assert c["references"]["all_met"]["mean"] == pytest.approx(5 / 8)  # q1's two and the 4 second ones, of 8
+    assert c["outputs"]["by_type"]["lowercase"] == {"met": 0.875, "n": 4}
+    assert c["references"]["by_type"]["lowercase"] == {"met": 0.75, "n": 4}  # "A Short Answer" and "OK" fail
     model = report["outputs"]
     assert model["path"] == outputs and model["generator"]["model"] == "model.jsonl"
     assert model["mean_length_chars"] == pytest.approx(np.mean([14, 13, 27, 2]))
@@ -257,3 +272,43 @@ def test_missing_flags_and_reports(tmp_path):
     assert result.returncode == 2 and "--references" in result.stderr
     result = _cli("--plot", str(tmp_path / "none.json"))
     assert result.returncode == 2 and "no such report" in result.stderr
+
+
+# ------------------------------------------------------------------------ constraint scores, bootstrap
+
+def test_bootstrap_of_a_constant_difference_is_that_value():
+    mean, (low, high) = evaluate.bootstrap_interval([0.25] * 30, resamples=500, seed=3)
+    assert mean == low == high == 0.25
+
+
+def test_bootstrap_of_a_symmetric_difference_covers_zero_and_is_seeded():
+    diff = [0.5, -0.5] * 20 + [0.25, -0.25] * 10
+    mean, (low, high) = evaluate.bootstrap_interval(diff)
+    assert mean == 0 and low < 0 < high
+    # the interval of a mean of 60 values with sd ~0.43: about +-1.96 * 0.43 / sqrt(60) = +-0.11
+    assert high - low == pytest.approx(2 * 1.96 * np.std(diff) / math.sqrt(len(diff)), rel=0.15)
+    assert evaluate.bootstrap_interval(diff) == (mean, [low, high])  # same seed, same interval
+    assert evaluate.bootstrap_interval(diff, seed=1)[1] != [low, high]
+    shifted = evaluate.bootstrap_interval(np.add(diff, 0.3))[1]
+    assert shifted[0] > 0  # a real shift excludes 0
+    with pytest.raises(UserError, match="no values"):
+        evaluate.bootstrap_interval([])
+
+
+def test_table_and_plot_of_reports_with_constraints(tmp_path, capsys):
+    references = _responses(tmp_path / "base_heldout.jsonl", ["A B", "C", "D E F G H I", "j"])
+    for t, texts in enumerate([["a b", "C", "D E F G H I", "j"], ["a b", "c", "d e", "j"]], 1):
+        os.makedirs(tmp_path / f"iter{t}")
+        outputs = _responses(tmp_path / f"iter{t}" / "heldout.jsonl", texts)
+        evaluate.main(outputs=outputs, references=references, oracle="rule", out=str(tmp_path / f"iter{t}" / "report.json"))
+    capsys.readouterr()
+    png = tmp_path / "plot.png"
+    evaluate.main(plot=str(tmp_path / "iter*" / "report.json"), plot_out=str(png))
+    table = capsys.readouterr().out.splitlines()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Binary scores over both responses of a row (the second always meets both), per prompt:
+    # base firsts: "A B" 1/2, "C" 1/2, "D E F G H I" 0, "j" 1 -> per prompt (with the second, 1): 3/4, 3/4, 1/2, 1
+    # iter1 firsts: 1, 1/2, 0, 1 -> 1, 3/4, 1/2, 1;  iter2 firsts: 1, 1, 1, 1 -> 1, 1, 1, 1
+    assert table[2].startswith("| base | 0.750 [") and table[2].endswith("| - | 4 x 2 |")
+    assert table[3].startswith("| iter1 | 0.812 [") and "| +0.062 [+0.000, +0.188] |" in table[3]
+    assert table[4].startswith("| iter2 | 1.000 [1.000, 1.000] | +0.250 [") and "| 100.0% |" in table[4]
