@@ -1,9 +1,9 @@
 """What two of the S-SPPO scripts need identically, and nothing else.
 
 - UserError and `cli`: a mistake the user can fix ends in one line on stderr and exit code 2.
-- JSONL: `read_jsonl` (errors name file:line), `field_error`, `JsonlAppender` (kill-safe appends,
-  resumable by id), `check_same_run` (a resumed file was made with the same settings),
-  `atomic_write_json`.
+- Files: `read_jsonl` and `read_json` (errors name file:line, undecodable bytes included), `field_error`,
+  `JsonlAppender` (kill-safe appends, resumable by id), `cut_partial_line`, `check_same_run` (a resumed
+  file was made with the same settings), `atomic_write_text` / `atomic_write_json`.
 - Models: `resolve_model` / `load_causal_lm` take a hub id, a local folder or one of the packaged
   defaults (PACKAGED_MODEL, PACKAGED_EMBEDDER), which ship inside PyPI packages and need no hub.
 - The chat template: `prompt_ids` and `end_of_turn_id`, used by training and by sampling alike, so
@@ -33,6 +33,15 @@ def cli(fn):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # the file system said no (a full disk, a folder where a file goes, no permission)
+        print(f"error: {os_error(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def os_error(e, path=None):
+    """One line for an OSError: `runs/x/report.json: Is a directory`."""
+    path = path or e.filename
+    return f"{path}: {e.strerror or e}" if path else str(e.strerror or e)
 
 
 # --------------------------------------------------------------------------------------- JSONL
@@ -42,15 +51,34 @@ def field_error(path, line, field, message):
     return UserError(f"{path}:{line}: field '{field}': {message}")
 
 
+def _decode(path, n, raw):
+    """The text of line `n` of `path`, or a UserError naming the first byte that is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}:{n}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+
+
+def _open_input(path):
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a folder, not a file")
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise UserError(os_error(e, path)) from None
+
+
 def read_jsonl(path):
     """Yield (line_number, object) for each non-blank line of a JSONL file.
 
-    Raises UserError naming file and line for a missing file, invalid JSON or a non-object line.
+    Raises UserError naming file and line for a missing file, bytes that are not UTF-8, invalid JSON
+    or a non-object line.
     """
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with _open_input(path) as f:
+        for n, raw in enumerate(f, 1):
+            line = _decode(path, n, raw)
             if not line.strip():
                 continue
             try:
@@ -62,34 +90,63 @@ def read_jsonl(path):
             yield n, obj
 
 
-class JsonlAppender:
-    """Append JSON objects to a file, one flushed line each, so a kill never leaves a line half read.
+def read_json(path):
+    """The JSON object in a file (a report, run_config.json), with read_jsonl's one-line errors."""
+    with _open_input(path) as f:
+        lines = [_decode(path, n, raw) for n, raw in enumerate(f, 1)]
+    try:
+        obj = json.loads("".join(lines))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
-    Opening repairs what a kill may have left (a last line with no newline is cut off) and collects
-    the ids already written (`done`), so a re-run appends only what is missing.
+
+def cut_partial_line(path):
+    """Cut what follows the last newline of `path`: the half-written line a kill leaves. Returns the bytes kept."""
+    with open(path, "rb+") as f:
+        data = f.read()
+        keep = data.rfind(b"\n") + 1
+        if keep < len(data):
+            f.truncate(keep)
+    return keep
+
+
+class JsonlAppender:
+    """Append JSON objects to a file, one whole line per write, so a kill never leaves a line half read.
+
+    Opening repairs what a kill or a full disk may have left (a last line with no newline is cut off)
+    and collects the ids already written (`done`), so a re-run appends only what is missing.
     """
 
     def __init__(self, path, id_field="id"):
         self.path, self.done = path, set()
-        if os.path.exists(path):
-            with open(path, "rb+") as f:
-                data = f.read()
-                keep = data.rfind(b"\n") + 1
-                if keep < len(data):
-                    f.truncate(keep)
-            for n, obj in read_jsonl(path):
-                if obj.get(id_field) in self.done:
-                    raise UserError(f"{path}:{n}: field '{id_field}': id {obj.get(id_field)!r} repeats an earlier line")
-                self.done.add(obj.get(id_field))
-        else:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if os.path.isdir(path):
+            raise UserError(f"{path}: is a folder; the output must be a file")
+        try:
+            if os.path.exists(path):
+                cut_partial_line(path)
+            else:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        except OSError as e:
+            raise UserError(os_error(e)) from None
+        for n, obj in read_jsonl(path) if os.path.exists(path) else ():
+            if obj.get(id_field) in self.done:
+                raise UserError(f"{path}:{n}: field '{id_field}': id {obj.get(id_field)!r} repeats an earlier line")
+            self.done.add(obj.get(id_field))
         self.file = None  # opened at the first write: a run that fails before it leaves no empty file
 
     def write(self, obj):
-        if self.file is None:
-            self.file = open(self.path, "a", encoding="utf-8")
-        self.file.write(json.dumps(obj, ensure_ascii=False) + "\n")
-        self.file.flush()
+        line = (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace")
+        try:
+            if self.file is None:
+                self.file = open(self.path, "ab", buffering=0)  # unbuffered: nothing is left to flush at close
+            view = memoryview(line)
+            while view:
+                view = view[self.file.write(view):]
+        except OSError as e:  # a full disk: the part written is cut off at the next opening
+            raise UserError(f"{os_error(e, self.path)}; what is written so far is kept, re-run to go on") from None
 
     def close(self):
         if self.file is not None:
@@ -114,18 +171,33 @@ def check_same_run(path, field, value):
         return
 
 
-def atomic_write_json(path, obj):
-    """Write JSON to `path` through a temporary file and a rename: readers never see half a file."""
+def atomic_write_text(path, text):
+    """Write `text` to `path` through a temporary file and a rename: readers never see half a file,
+    and a failure (a full disk) leaves the old file as it was."""
     d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a result file should read like any other
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+    except OSError as e:
+        raise UserError(os_error(e, path)) from None
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a result file should read like any other
+        with os.fdopen(fd, "wb") as f:
+            f.write(text.encode("utf-8", "backslashreplace"))
+        os.replace(tmp, path)
+    except OSError as e:
+        os.unlink(tmp)
+        raise UserError(os_error(e, path)) from None
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path, obj):
+    """atomic_write_text of `obj` as indented JSON."""
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 # -------------------------------------------------------------------------------------- models
@@ -182,14 +254,32 @@ def resolve_model(name):
     return str(name)
 
 
+def _first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def load_errors():
+    """What from_pretrained raises for a missing, damaged or half-copied model: caught as a UserError."""
+    from safetensors import SafetensorError  # a truncated .safetensors file
+
+    return OSError, ValueError, SafetensorError
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
 def load_tokenizer(name):
     """The tokenizer of a model (see resolve_model), with a pad token (the EOS one where none is set)."""
     from transformers import AutoTokenizer
 
+    path = resolve_model(name)
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise UserError(f"{name}: no tokenizer in this folder (none of {', '.join(TOKENIZER_FILES)}): "
+                        "save the tokenizer next to the weights")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model(name))
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the tokenizer of '{name}': {str(e).splitlines()[0]}") from None
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except load_errors() as e:
+        raise UserError(f"cannot load the tokenizer of '{name}': {_first_line(e)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -216,12 +306,18 @@ def load_causal_lm(name, dtype=None, attn_implementation=None):
             model = PeftModel.from_pretrained(base, path).merge_and_unload()
         else:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, ImportError) as e:
-        raise UserError(f"cannot load model '{name}': {str(e).splitlines()[0]}") from None
+    except (*load_errors(), ImportError) as e:
+        raise UserError(f"cannot load model '{name}': {_first_line(e)}") from None
     return model, tokenizer
 
 
 # ------------------------------------------------------------------------------- chat template
+
+def check_chat_template(tokenizer):
+    if not tokenizer.chat_template:
+        raise UserError(f"tokenizer '{tokenizer.name_or_path}' has no chat template: use an instruct/chat model "
+                        "or set tokenizer.chat_template in its tokenizer_config.json")
+
 
 def prompt_ids(tokenizer, prompt):
     """Token ids of `prompt` as one user turn plus the assistant generation prompt.
@@ -229,9 +325,7 @@ def prompt_ids(tokenizer, prompt):
     The template writes any BOS itself, so the text is tokenised without special tokens (no double
     BOS). Training scores, and sampling continues, exactly these ids.
     """
-    if not tokenizer.chat_template:
-        raise UserError(f"tokenizer '{tokenizer.name_or_path}' has no chat template: use an instruct/chat model "
-                        "or set tokenizer.chat_template in its tokenizer_config.json")
+    check_chat_template(tokenizer)
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -241,6 +335,7 @@ def end_of_turn_id(tokenizer):
 
     Found by rendering a turn and reading the first special token after its content; EOS otherwise.
     """
+    check_chat_template(tokenizer)
     marker = "SSPO-RESPONSE-MARKER"
     turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
     text = tokenizer.apply_chat_template(turn, tokenize=False)

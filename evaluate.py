@@ -13,7 +13,6 @@ many outputs hit the token limit, and distinct-1/2 diversity. `--plot` draws win
 per iteration from several reports; `--curves` draws sspo.py's training curves (metrics.jsonl).
 """
 import glob
-import json
 import math
 import os
 import re
@@ -22,7 +21,7 @@ import warnings
 
 import numpy as np
 
-from common import UserError, atomic_write_json, cli, field_error, read_jsonl
+from common import UserError, atomic_write_json, cli, field_error, read_json, read_jsonl
 
 C_GRID = np.logspace(-4, 4, 10)  # AlpacaEval's LogisticRegressionCV grid (sklearn's default Cs=10)
 N_FOLDS = 5
@@ -344,11 +343,7 @@ def read_reports(paths):
     """The evaluate.py reports at `paths`, each checked for the win rates."""
     reports = []
     for path in paths:
-        try:
-            with open(path, encoding="utf-8") as f:
-                report = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"{path}: cannot read the report ({e})") from None
+        report = read_json(path)
         for key in ("win_rate", "lc_win_rate"):
             if key not in report:
                 raise UserError(f"{path}: field '{key}': missing: is this an evaluate.py report?")

@@ -153,6 +153,19 @@ def read_prompts(path):
     return rows
 
 
+def check_prompt_lengths(path, rows, lm, tokenizer, max_new_tokens):
+    """A prompt the model cannot read whole, with room for --max_new_tokens, is an error naming its line:
+    past its context a model samples garbage (or fails deep inside) rather than refusing."""
+    config = lm.config
+    context = next((v for v in (getattr(config, a, None) for a in ("max_position_embeddings", "n_positions"))
+                    if isinstance(v, int)), None)
+    for n, row in rows if context else ():
+        length = len(prompt_ids(tokenizer, row["prompt"]))
+        if length + max_new_tokens > context:
+            raise field_error(path, n, "prompt", f"{length} tokens, + --max_new_tokens {max_new_tokens}, exceed the "
+                              f"model's context of {context} tokens: shorten the prompt or lower --max_new_tokens")
+
+
 def main(model=PACKAGED_MODEL, prompts="data/demo_train.jsonl", out="responses.jsonl", k=4, max_new_tokens=512,
          temperature=0.7, top_p=0.9, seed=0, batch_size=32, engine="hf", dtype="auto"):
     """Sample K responses per prompt and append them to a JSONL file, in input order.
@@ -210,6 +223,7 @@ def main(model=PACKAGED_MODEL, prompts="data/demo_train.jsonl", out="responses.j
     else:
         lm = _load(model, dtype) if todo else None  # a finished stage re-runs in a second: no model to load
         if lm:
+            check_prompt_lengths(prompts, [(n, row) for n, row in rows if row["id"] not in done], *lm, max_new_tokens)
             lm[0].to(state.device)
         bar, t0 = tqdm(total=len(todo), unit="prompt", disable=not state.is_main_process), time.time()
         chunk = max(1, batch_size // k) * CHUNK_BATCHES * state.num_processes

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from common import (PACKAGED_EMBEDDER, PACKAGED_MODEL, JsonlAppender, UserError, check_same_run, cli, field_error,
-                    load_causal_lm, load_tokenizer, prompt_ids, read_jsonl, resolve_model)
+                    load_causal_lm, load_errors, load_tokenizer, prompt_ids, read_jsonl, resolve_model)
 
 CHUNK_BATCHES = 8  # rows are scored and written in chunks of about this many full batches
 
@@ -126,7 +126,7 @@ class RewardOracle(Oracle):
         self.tokenizer = load_tokenizer(model)
         try:
             self.model = AutoModelForSequenceClassification.from_pretrained(resolve_model(model)).to(self.device).eval()
-        except (OSError, ValueError) as e:
+        except load_errors() as e:
             raise UserError(f"cannot load reward model '{model}': {str(e).splitlines()[0]}") from None
         if self.model.config.pad_token_id is None:  # needed to find each row's last token in a padded batch
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
@@ -208,7 +208,7 @@ class PairRMOracle(PairwiseOracle):
         self.tokenizer = load_tokenizer(model)
         try:
             self.model = _pairrm_class().from_pretrained(resolve_model(model)).to(self.device).eval()
-        except (OSError, ValueError, AttributeError) as e:
+        except (*load_errors(), AttributeError) as e:
             raise UserError(f"cannot load PairRM model '{model}': {str(e).splitlines()[0]}") from None
 
     def _encode(self, text, max_length):  # each segment is [CLS] marker text [SEP], cut on the right
@@ -482,7 +482,7 @@ class Embedder:
         self.tokenizer = load_tokenizer(name)
         try:
             self.model = AutoModel.from_pretrained(resolve_model(name)).to(self.device).eval()
-        except (OSError, ValueError) as e:
+        except load_errors() as e:
             raise UserError(f"cannot load embedder '{name}': {str(e).splitlines()[0]}") from None
 
     @torch.no_grad()

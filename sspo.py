@@ -480,30 +480,78 @@ def _check_flags(loss, beta, tau_low, tau_high, rep_weight, rep_margin, lr, epoc
             raise UserError(message)
 
 
+# Checkpoint rotation. `checkpoint` is the newest complete checkpoint; `checkpoint.old` the one before,
+# trusted only while `checkpoint` is missing or incomplete; `checkpoint.tmp` is never trusted. A folder
+# is complete when its step.json (written last) reads back. Every state a kill between two file
+# operations can leave (tests/test_robustness.py builds each) resumes from the newest complete one:
+#   .tmp alone, or nothing             -> no checkpoint: the run starts over
+#   checkpoint (+ .tmp, + .old in any state) -> checkpoint
+#   .old complete, no checkpoint (or one without step.json) (+ .tmp)  -> .old
+# and the next save removes what is not trusted before it renames, so it never meets a folder in its way,
+# and deletes a complete folder only while a newer complete one exists.
+
+def _checkpoint_step(path):
+    """The step of a complete checkpoint folder, else None."""
+    try:
+        with open(os.path.join(path, "step.json")) as f:
+            step = json.load(f)["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def _find_checkpoint(output_dir):
+    """The newest complete checkpoint folder, or None (see the rotation above)."""
+    for name in (CHECKPOINT, CHECKPOINT + ".old"):
+        path = os.path.join(output_dir, name)
+        if _checkpoint_step(path) is not None:
+            return path
+    return None
+
+
+@contextlib.contextmanager
+def _saving(path, remove=False):
+    """Turn a save that fails (a full disk: torch and safetensors raise their own errors) into one line,
+    `remove` what it wrote (giving the disk back) first."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as e:
+        if remove:
+            shutil.rmtree(path, ignore_errors=True)
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: cannot write ({why}; {free / 2 ** 30:.1f} GiB free on its disk)") from None
+
+
 def _atomic_save_checkpoint(accelerator, output_dir, step):
     """accelerate's state (model, optimizer, RNGs) plus the step, swapped in by renames: never half written."""
     final, tmp, old = (os.path.join(output_dir, CHECKPOINT + s) for s in ("", ".tmp", ".old"))
     if accelerator.is_main_process and os.path.exists(tmp):
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
+    with _saving(tmp, remove=True):  # the last complete checkpoint stays
+        accelerator.save_state(tmp)
+        if accelerator.is_main_process:
+            with open(os.path.join(tmp, "step.json"), "w") as f:
+                json.dump({"step": step}, f)
     if accelerator.is_main_process:
-        with open(os.path.join(tmp, "step.json"), "w") as f:
-            json.dump({"step": step}, f)
-        if os.path.exists(final):
+        if _checkpoint_step(final) is not None:  # .old is redundant now: remove it, then keep final as .old
+            if os.path.exists(old):
+                shutil.rmtree(old)
             os.replace(final, old)
+        elif os.path.exists(final):  # incomplete, never trusted (a complete .old, if any, stays until the swap)
+            shutil.rmtree(final)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
-def _find_checkpoint(output_dir):
-    """The newest complete checkpoint folder (a kill between the two renames leaves only `.old`)."""
-    for name in (CHECKPOINT, CHECKPOINT + ".old"):
-        path = os.path.join(output_dir, name)
-        if os.path.isfile(os.path.join(path, "step.json")):
-            return path
-    return None
+def _remove_checkpoints(output_dir):
+    """Remove every checkpoint folder; called once summary.json exists, so no order of removal can mislead a resume."""
+    for name in (CHECKPOINT, CHECKPOINT + ".old", CHECKPOINT + ".tmp"):
+        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
 def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo", beta=1e-3,
@@ -568,9 +616,13 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
     elif isinstance(lora_target_modules, (list, tuple)):
         lora_target_modules = [str(m) for m in lora_target_modules]
     output_dir = str(output_dir)
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UserError(f"{output_dir}: --output_dir is a file, not a folder")
     done = os.path.join(output_dir, DONE_FILE)
     if os.path.exists(done):
         if resume:
+            if not keep_checkpoint:  # what a kill right after summary.json left
+                _remove_checkpoints(output_dir)
             print(f"{output_dir}: already complete ({DONE_FILE} exists); nothing to do")
             return
         raise UserError(f"{output_dir} already holds a finished model: choose another --output_dir")
@@ -578,8 +630,7 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
         raise UserError(f"{output_dir} holds an unfinished run: add --resume to continue it, or choose another --output_dir")
     saved, before = os.path.join(output_dir, "run_config.json"), {}
     if resume and os.path.exists(saved):
-        with open(saved) as f:
-            before = json.load(f)
+        before = common.read_json(saved)
         changed = [k for k in config if k != "resume" and k in before and before[k] != config[k]]
         if changed:
             raise UserError(f"--resume needs the same command: {', '.join(f'--{k} was {before[k]!r}, now {config[k]!r}' for k in changed)}")
@@ -653,7 +704,11 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
     ref_path = os.path.join(output_dir, "ref_logps.pt")
     checkpoint = _find_checkpoint(output_dir) if resume else None
     if checkpoint and os.path.exists(ref_path):
-        ref = torch.load(ref_path)
+        try:
+            ref = torch.load(ref_path)
+        except Exception as e:  # noqa: BLE001  (torch raises many kinds for a damaged file)
+            raise UserError(f"{ref_path}: cannot read ({str(e).strip().splitlines()[0]}); "
+                            "the reference of this run is lost, start a new run") from None
         if len(ref) != len(examples):
             raise UserError(f"{ref_path} holds {len(ref)} pairs but {data} now gives {len(examples)}: the data changed")
     else:
@@ -674,20 +729,19 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
                     ref[idx] = logps.view(2, -1).T.cpu()
         ref = accelerator.reduce(ref.to(device), reduction="sum").cpu()  # each row was filled by one process
         if main_process:
-            torch.save(ref, ref_path + ".tmp")
+            with _saving(ref_path + ".tmp"):
+                torch.save(ref, ref_path + ".tmp")
             os.replace(ref_path + ".tmp", ref_path)
 
     metrics_path = os.path.join(output_dir, "metrics.jsonl")
     start = 0
     if checkpoint:
         accelerator.load_state(checkpoint)
-        with open(os.path.join(checkpoint, "step.json")) as f:
-            start = json.load(f)["step"]
-        if main_process and os.path.exists(metrics_path):  # drop steps logged after the checkpoint
-            with open(metrics_path) as f:
-                kept = [ln for ln in f if ln.strip() and ln.endswith("\n") and json.loads(ln)["step"] <= start]
-            with open(metrics_path, "w") as f:
-                f.writelines(kept)
+        start = _checkpoint_step(checkpoint)
+        if main_process and os.path.exists(metrics_path):  # drop a half-written line and the steps after the checkpoint
+            common.cut_partial_line(metrics_path)
+            kept = [row for _, row in common.read_jsonl(metrics_path) if row.get("step", 0) <= start]
+            common.atomic_write_text(metrics_path, "".join(json.dumps(row) + "\n" for row in kept))
     if report_to != "none":
         accelerator.init_trackers("sspo", config={k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))})
     if main_process:
@@ -697,7 +751,9 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
               f"{'yes' if share else 'no'}); {total} optimizer steps of "
               f"{global_batch} pairs on {world} process(es); starting at step {start}")
 
-    log = open(metrics_path, "a" if checkpoint else "w") if main_process else None  # a fresh start keeps no old steps
+    if main_process and not checkpoint and os.path.exists(metrics_path):
+        os.remove(metrics_path)  # a fresh start keeps no old steps
+    log = common.JsonlAppender(metrics_path, id_field="step") if main_process else None
     bar = tqdm(total=total, initial=start, desc=f"{loss} training", disable=not main_process)
     eta = 1.0 / beta
     for step in range(start, total):
@@ -750,8 +806,7 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
                       **{k: float(v) for k, v in zip(names, sums)},
                       "grad_norm": float("nan") if grad_norm is None else float(grad_norm), "lr": lr_now, "pairs": n_step,
                       "tokens_per_s": float(tokens) / (time.time() - t0)}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            log.write(record)
             accelerator.log(record, step=step + 1)
             bar.set_postfix(loss=f"{record['loss']:.4g}", a_w=f"{record['logratio_chosen']:.3g}",
                             a_l=f"{record['logratio_rejected']:.3g}")
@@ -768,22 +823,22 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
         final = accelerator.unwrap_model(scorer).model
         final.config.use_cache = True
         state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-        if lora_r:  # peft's own format (adapter_config.json + adapter_model.safetensors), from the gathered state
-            adapter_dir = os.path.join(output_dir, "adapter") if merge else output_dir
-            final.save_pretrained(adapter_dir, state_dict=state)
-            if merge:  # onto a fresh fp32 copy of the base: the trained one may be sharded or half precision
-                from peft import PeftModel
+        with _saving(output_dir):  # no summary.json then: --resume redoes the steps since the last checkpoint
+            if lora_r:  # peft's own format (adapter_config.json + adapter_model.safetensors), from the gathered state
+                adapter_dir = os.path.join(output_dir, "adapter") if merge else output_dir
+                final.save_pretrained(adapter_dir, state_dict=state)
+                if merge:  # onto a fresh fp32 copy of the base: the trained one may be sharded or half precision
+                    from peft import PeftModel
 
-                base, _ = common.load_causal_lm(model, dtype=torch.float32)
-                PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().save_pretrained(output_dir)
-        else:
-            final.save_pretrained(output_dir, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(output_dir)
-        if not keep_checkpoint:
-            for name in (CHECKPOINT, CHECKPOINT + ".old"):
-                shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+                    base, _ = common.load_causal_lm(model, dtype=torch.float32)
+                    PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().save_pretrained(output_dir)
+            else:
+                final.save_pretrained(output_dir, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(output_dir)
         summary = dict(stats, steps=total, model=model, data=str(data), loss=loss)
         common.atomic_write_json(done, summary)
+        if not keep_checkpoint:  # only now: a kill before summary.json resumes from a checkpoint left whole
+            _remove_checkpoints(output_dir)
         print(f"saved {output_dir} ({total} steps; metrics in {metrics_path})")
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -68,10 +68,17 @@ flag() {
 
 # run_stage STALE OUTPUT COMMAND...: skip when OUTPUT and OUTPUT.done exist and STALE is 0; otherwise
 # (STALE=1: its inputs were just remade, so OUTPUT is removed first) run COMMAND, then mark OUTPUT.done.
+# STALE is also 1 when an input (another stage's output named in COMMAND) has a marker newer than
+# OUTPUT.done, or than a half-made OUTPUT: a kill between two stages loses the STALE this run passed
+# on, never the markers' times (so copy a run with `cp -a`, which keeps them).
 # Sets RAN to 1 when the command ran, 0 when skipped.
 run_stage() {
-  local stale="$1" output="$2"
+  local stale="$1" output="$2" arg made="$2.done"
   shift 2
+  if [[ ! -e "$made" ]]; then made="$output"; fi
+  for arg in "$@"; do
+    if [[ "$arg" != "$output" && -e "$arg.done" && -e "$made" && "$arg.done" -nt "$made" ]]; then stale=1; fi
+  done
   if [[ "$stale" == 0 && -e "$output" && -e "$output.done" ]]; then
     echo "== skip, already done: $output"
     RAN=0
