@@ -147,10 +147,9 @@ def bootstrap_interval(values, resamples=10000, seed=0, level=0.95):
     x = _vector(values, "values", "bootstrap_interval")
     if len(x) == 0:
         raise UserError("bootstrap_interval: no values")
-    rng, means = np.random.default_rng(seed), []
-    for start in range(0, resamples, max(1, 2 ** 22 // len(x))):  # bounded memory for long files
-        rows = rng.integers(0, len(x), size=(min(resamples - start, max(1, 2 ** 22 // len(x))), len(x)))
-        means.append(x[rows].mean(1))
+    rng, means, block = np.random.default_rng(seed), [], max(1, 2 ** 22 // len(x))  # bounded memory for long files
+    for start in range(0, resamples, block):
+        means.append(x[rng.integers(0, len(x), size=(min(block, resamples - start), len(x)))].mean(1))
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(np.concatenate(means), [tail, 100 - tail])
     # a resampled mean of a constant can differ from it in the last bit: clip to the observed range
