@@ -25,7 +25,7 @@ def test_two_iterations_then_resume_after_a_deleted_output(tiny_model_dir, model
                PROMPTS=_write(tmp_path / "train.jsonl", ["what is the capital of france ?", "name three colors",
                                                          "hello world"]),
                HELDOUT=_write(tmp_path / "heldout.jsonl", ["what is water ?", "say hello"]),
-               SSPO_ARGS="--batch_size 2 --max_length 64", GENERATE_ARGS="--batch_size 8")
+               SSPO_ARGS="--batch_size 2 --max_length 64", GENERATE_ARGS="--batch_size 8", HELDOUT_K="2")
 
     def iterate():
         result = subprocess.run(["bash", os.path.join(ROOT, "scripts", "iterate.sh"), "--lr", "1e-3"], env=env,
@@ -42,6 +42,10 @@ def test_two_iterations_then_resume_after_a_deleted_output(tiny_model_dir, model
     assert "--model " + str(out / "iter1" / "model") in next(line for line in first if "sspo.py" in line and "iter2" in line)
     assert "--lr 1e-3" in next(line for line in first if "sspo.py" in line)  # extra arguments reach sspo.py
     assert (out / "plot.png").exists() and (out / "training.png").exists()
+    held = [json.loads(line) for line in open(out / "iter2" / "heldout.jsonl")]
+    assert [len(row["responses"]) for row in held] == [2, 2]  # HELDOUT_K reaches the held-out sampling
+    table = (out / "summary.md").read_text().splitlines()  # no constraints here: win rates only
+    assert table[0].startswith("| model |") and [line.split(" | ")[0] for line in table[2:4]] == ["| iter1", "| iter2"]
 
     trained = (out / "iter1" / "model" / "summary.json").stat().st_mtime_ns
     os.remove(out / "iter2" / "scored.jsonl")
