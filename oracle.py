@@ -282,8 +282,8 @@ class JudgeOracle(PairwiseOracle):
 # satisfies "at most 50 words"). Two credits (README.md's table defines both):
 # - binary: 1 when the constraint is met, else 0 (`meets`): what evaluation reports, always;
 # - graded (the default for training): 1 exactly when met, else a partial credit that falls with the
-#   distance from meeting it (`partial_credit`), so answers that all miss a constraint still differ and
-#   fewer prompts give no pair. Measured on the demo (K=4, 96 prompts): see README.md.
+#   distance from meeting it (`PARTIAL`, through `credit`), so answers that all miss a constraint still
+#   differ and fewer prompts give no pair (measured on the demo prompts: README.md's table).
 #
 #     P_ij = sigmoid( (score_i - score_j) / temperature ),   P_ii = 1/2,   P_ji = 1 - P_ij.
 #
@@ -306,6 +306,16 @@ def _has_word(text, word):
     return re.search(r"(?<!\w)" + re.escape(word.lower()) + r"(?!\w)", text.lower()) is not None
 
 
+def _bullets(text):
+    """The number of markdown bullet lines."""
+    return sum(bool(BULLET.match(line)) for line in text.splitlines())
+
+
+def _paragraphs(text):
+    """The number of non-empty blocks separated by blank lines."""
+    return len([p for p in re.split(r"\n\s*\n", text) if p.strip()])
+
+
 def _is_json(text):
     text = text.strip()
     fenced = FENCE.match(text)  # small models often wrap JSON in a ```json fence: accepted
@@ -324,8 +334,8 @@ CHECKS = {
     "exclude_words": ({"words": list}, lambda r, c: not any(_has_word(r, w) for w in c["words"])),
     "lowercase": ({}, lambda r, c: any(ch.isalpha() for ch in r) and r == r.lower()),
     "uppercase": ({}, lambda r, c: any(ch.isalpha() for ch in r) and r == r.upper()),
-    "bullets": ({"n": int}, lambda r, c: sum(bool(BULLET.match(line)) for line in r.splitlines()) == c["n"]),
-    "paragraphs": ({"n": int}, lambda r, c: len([p for p in re.split(r"\n\s*\n", r) if p.strip()]) == c["n"]),
+    "bullets": ({"n": int}, lambda r, c: _bullets(r) == c["n"]),
+    "paragraphs": ({"n": int}, lambda r, c: _paragraphs(r) == c["n"]),
     "start_with": ({"phrase": str}, lambda r, c: r.lower().startswith(c["phrase"].strip().lower())),
     "end_with": ({"phrase": str}, lambda r, c: r.lower().endswith(c["phrase"].strip().lower())),
     "json": ({}, lambda r, c: _is_json(r)),
@@ -403,8 +413,8 @@ PARTIAL = {
     "exclude_words": lambda r, c: sum(not _has_word(r, w) for w in c["words"]) / len(c["words"]),
     "lowercase": lambda r, c: _case_share(r, upper=False),
     "uppercase": lambda r, c: _case_share(r, upper=True),
-    "bullets": lambda r, c: _closeness(sum(bool(BULLET.match(line)) for line in r.splitlines()), c["n"]),
-    "paragraphs": lambda r, c: _closeness(len([p for p in re.split(r"\n\s*\n", r) if p.strip()]), c["n"]),
+    "bullets": lambda r, c: _closeness(_bullets(r), c["n"]),
+    "paragraphs": lambda r, c: _closeness(_paragraphs(r), c["n"]),
     "start_with": lambda r, c: _phrase_credit(r, c, from_end=False),
     "end_with": lambda r, c: _phrase_credit(r, c, from_end=True),
     "json": lambda r, c: 0.5 if _has_json_inside(r) else 0.0,  # JSON with text around it
