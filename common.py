@@ -316,6 +316,17 @@ def load_causal_lm(name, dtype=None, attn_implementation=None):
     return model, tokenizer
 
 
+def takes_4d_mask(config, length):
+    """Whether a model's attention takes a 4-D mask as given, for sequences of up to `length` tokens: sdpa
+    or eager attention, every layer full attention (or a sliding window no shorter than `length`).
+    sspo.py (the shared prompt) and generate.py (SlotPool) build such masks, and each confirms on the
+    model's own forward at start that it reproduces it."""
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    return (getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+            and kinds <= {"full_attention", "sliding_attention"} and (not window or length <= window))
+
+
 # ------------------------------------------------------------------------------- chat template
 
 def check_chat_template(tokenizer):

@@ -3,22 +3,30 @@
 The manual is `main`'s docstring (`python generate.py --help`). How it works, and why:
 - Prompts are formatted by common.prompt_ids, the same function sspo.py scores with, and sampling stops
   at the chat template's end-of-turn token (or EOS): the tokens trained on are the tokens sampled.
-- Prompts are sorted by length and batched with left padding, the K samples of a prompt together.
-- Every response has its own random stream seeded from (--seed, id, sample index) and drawn by
-  PerRowSampler, so the output does not depend on batching, on the number of processes or on
-  resuming (up to float rounding of batched matmuls), and the same settings give the same file.
+- SlotPool decodes --batch_size sequences at once, each in a row ("slot") of preallocated key/value
+  buffers. A slot whose answer ends takes the next prompt's answer at once (a prompt is prefilled
+  once for its K slots), so no slot idles until the longest answer of its batch ends, and no step
+  copies the cache (HF's DynamicCache concatenates it at every step). Prompts go in longest first.
+  It needs attention that takes a 4-D mask as given (sdpa, eager); `slots_work` checks the model's
+  own forward at start, and otherwise HF generate samples batches of whole prompts (same results).
+- Every response has its own random stream seeded from (--seed, id, sample index), drawn by `draw`,
+  so the output does not depend on batching, slots, the number of processes or resuming (up to float
+  rounding of batched matmuls), and the same settings give the same file.
 - Under torchrun / `accelerate launch` the processes share each chunk of prompts; the main process
   gathers the results and writes them in input order, one flushed line per prompt (JsonlAppender).
 """
 import hashlib
+import itertools
 import time
 
 import torch
 
-from common import (PACKAGED_MODEL, JsonlAppender, UserError, check_same_run, cli, end_of_turn_id, field_error,
-                    load_causal_lm, prompt_ids, read_jsonl, resolve_model)
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-CHUNK_BATCHES = 16  # rows are written per chunk of this many batches: a kill loses at most one chunk
+from common import (PACKAGED_MODEL, JsonlAppender, UserError, check_same_run, cli, end_of_turn_id, field_error,
+                    load_causal_lm, prompt_ids, read_jsonl, resolve_model, takes_4d_mask)
+
+CHUNK_PROMPTS = 64  # prompts a process samples per written chunk: a kill loses about one chunk a process
 
 
 def response_seed(seed, prompt_id, j):
@@ -27,40 +35,178 @@ def response_seed(seed, prompt_id, j):
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-class PerRowSampler:
-    """A logits processor that samples each row from its own torch.Generator (temperature, top-p).
+def draw(scores, generators, temperature, top_p):
+    """One token a row of `scores` (rows, vocab), each drawn from its row's own torch.Generator: temperature,
+    then nucleus sampling (the smallest prefix of the sorted probabilities whose mass reaches top_p; the top
+    token always stays), by an inverse-CDF draw of one uniform from the row's stream. temperature 0: greedy."""
+    scores = scores.float()
+    if temperature <= 0:
+        return scores.argmax(-1)
+    probs, order = torch.softmax(scores / temperature, -1), None
+    if top_p < 1:
+        # the nucleus nearly always lies in the top 256, far cheaper to sort than a vocabulary
+        top, order = probs.topk(min(256, probs.shape[-1]), -1)
+        if (top.sum(-1) < top_p).any():  # a flat distribution: sort it all
+            top, order = probs.sort(-1, descending=True)
+        probs = top.masked_fill(top.cumsum(-1) - top >= top_p, 0.0)
+    cdf = probs.cumsum(-1)
+    u = torch.stack([torch.rand((), generator=g) for g in generators]).to(scores.device)
+    pick = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:]).clamp(max=cdf.shape[-1] - 1)
+    return pick.squeeze(-1) if order is None else order.gather(-1, pick).squeeze(-1)
 
-    HF's sampler draws a whole batch from one global stream, so a response would depend on its
-    batch-mates. This one picks the token itself and leaves it the only finite score, so HF's greedy
-    step (or any warper the model's generation config adds) can only take that token.
-    """
+
+class PerRowSampler:
+    """A logits processor for HF generate that picks each row's token with `draw` (the row's own stream) and
+    leaves it the only finite score, so HF's greedy step (or any warper the model's generation config
+    adds) can only take that token. HF's sampler draws a whole batch from one global stream, so a
+    response would depend on its batch-mates."""
 
     def __init__(self, seeds, temperature, top_p):
         self.generators = [torch.Generator().manual_seed(s) for s in seeds]
         self.temperature, self.top_p = temperature, top_p
 
     def __call__(self, input_ids, scores):
-        scores = scores.float()
-        if self.temperature <= 0:  # greedy
-            choice = scores.argmax(-1)
-        else:
-            probs, order = torch.softmax(scores / self.temperature, -1), None
-            if self.top_p < 1:
-                # nucleus: the smallest prefix of the sorted probabilities whose mass reaches top_p (the top
-                # token always stays). It nearly always lies in the top 256, far cheaper to sort than a vocab.
-                top, order = probs.topk(min(256, probs.shape[-1]), -1)
-                if (top.sum(-1) < self.top_p).any():  # a flat distribution: sort it all
-                    top, order = probs.sort(-1, descending=True)
-                probs = top.masked_fill(top.cumsum(-1) - top >= self.top_p, 0.0)
-            cdf = probs.cumsum(-1)  # inverse-CDF draw, one uniform per row from the row's own stream
-            u = torch.stack([torch.rand((), generator=g) for g in self.generators]).to(scores.device)
-            pick = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:]).clamp(max=cdf.shape[-1] - 1)
-            choice = pick.squeeze(-1) if order is None else order.gather(-1, pick).squeeze(-1)
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter_(-1, choice[:, None], 0.0)
+        choice = draw(scores, self.generators, self.temperature, self.top_p)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, choice[:, None].to(scores.device), 0.0)
 
 
-def _load(model, dtype):
+class SlotLayer(DynamicLayer):
+    """One layer's keys and values, read from and written to its pool's buffers in place: a decode step
+    writes the pool's column `col` and attends to the columns before it. DynamicCache instead copies
+    the whole cache into a new tensor at every step, the largest cost of a big batch on a CPU."""
+
+    def __init__(self, pool, index):
+        super().__init__()
+        self.pool, self.index, self.is_initialized = pool, index, True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        keys, values, col = self.pool.keys[self.index], self.pool.values[self.index], self.pool.col
+        keys[:, :, col:col + 1] = key_states
+        values[:, :, col:col + 1] = value_states
+        return keys[:, :, :col + 1], values[:, :, :col + 1]
+
+    def get_seq_length(self):
+        return self.pool.col
+
+
+def move_columns(buffer, src, dst, n):
+    """buffer[:, :, dst:dst + n] = buffer[:, :, src:src + n] in place, the ranges may overlap: blocks no
+    longer than the shift, in the order that never overwrites a column still to be read."""
+    shift = src - dst
+    if not shift or n <= 0:
+        return
+    starts = range(0, n, abs(shift))
+    for a in starts if shift > 0 else reversed(starts):
+        m = min(abs(shift), n - a)
+        buffer[:, :, dst + a:dst + a + m] = buffer[:, :, src + a:src + a + m]
+
+
+class SlotPool:
+    """The sequences being sampled, one a row ("slot") of preallocated key/value buffers, so a slot whose
+    sequence ends takes a new one at once instead of idling until the longest of its batch ends.
+
+    Every slot writes the same column at a decode step; a slot's own tokens are the columns from where
+    its prompt was put in up to `col`, and `seen` masks out all the others (a 4-D mask, taken as given
+    by sdpa and eager attention). Positions are counted per slot. A prompt is prefilled once, however
+    many slots sample it. The buffers are `longest + 2 * max_new_tokens` columns wide, allocated once:
+    when a new prompt does not fit before `col`, or a new sequence could run past the end, the live
+    columns move to the left end (`_make_room`), the same shift for every slot.
+    """
+
+    def __init__(self, lm, slots, max_new_tokens, pad, longest):
+        self.lm, self.slots, self.room, self.pad = lm, slots, max_new_tokens, pad
+        self.device = next(lm.parameters()).device
+        self.width = longest + 2 * max_new_tokens
+        self.keys = self.values = None  # per layer: (slots, kv heads, width, head dim), made at the first admit
+        self.col = 0  # the column the next decode step writes
+        self.seen = torch.zeros(slots, self.width, dtype=torch.bool, device=self.device)
+        self.owner = [None] * slots  # what each slot samples (the caller's key); None: free
+        self.start = [0] * slots  # the column of each slot's first prompt token
+        self.pos = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.next = torch.full((slots,), pad, dtype=torch.long, device=self.device)  # each slot's next input token
+
+    def free(self):
+        return [s for s, o in enumerate(self.owner) if o is None]
+
+    def busy(self):
+        return [s for s, o in enumerate(self.owner) if o is not None]
+
+    @torch.no_grad()
+    def admit(self, prompts, owners):
+        """Prefill `prompts` (token lists) and put copy j of prompt i in a free slot owned by owners[i][j].
+        Returns (slots, the next-token logits of each) in the order of the flattened owners."""
+        width = max(map(len, prompts))
+        ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts], device=self.device)  # left padding
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        cache = DynamicCache(config=self.lm.config)
+        logits = self.lm(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                         cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        if self.keys is None:  # zeros: a masked column must still hold finite numbers (0 * NaN is NaN)
+            self.keys = [layer.keys.new_zeros((self.slots, *layer.keys.shape[1:2], self.width, layer.keys.shape[3]))
+                         for layer in cache.layers]
+            self.values = [layer.values.new_zeros((self.slots, *layer.values.shape[1:2], self.width, layer.values.shape[3]))
+                           for layer in cache.layers]
+            self.cache = Cache(layers=[SlotLayer(self, i) for i in range(len(self.keys))])
+        self._make_room(width)
+        copies = torch.tensor([len(o) for o in owners], device=self.device)
+        slots = self.free()[:int(copies.sum())]
+        rows, col = torch.tensor(slots, device=self.device), self.col
+        for layer, keys, values in zip(cache.layers, self.keys, self.values):
+            keys[rows, :, col - width:col] = layer.keys.repeat_interleave(copies, 0)
+            values[rows, :, col - width:col] = layer.values.repeat_interleave(copies, 0)
+        self.seen[rows] = False
+        self.seen[rows, col - width:col] = mask.bool().repeat_interleave(copies, 0)
+        self.pos[rows] = mask.sum(-1).repeat_interleave(copies, 0)
+        flat = [(o, col - len(p)) for p, os in zip(prompts, owners) for o in os]
+        for s, (o, start) in zip(slots, flat):
+            self.owner[s], self.start[s] = o, start
+        return slots, logits.repeat_interleave(copies, 0)
+
+    def _make_room(self, width):
+        """Move the live columns so they end at max(their span, `width`) when a prompt of `width` columns
+        does not fit before `col` or a new sequence could run past the end."""
+        if width <= self.col and self.col + self.room <= self.width:
+            return
+        live = [self.start[s] for s in self.busy()]
+        keep = self.col - min(live) if live else 0
+        col = max(keep, width)
+        for buffer in [*self.keys, *self.values, self.seen[:, None, :, None]]:
+            move_columns(buffer, self.col - keep, col - keep, keep)
+        self.seen[:, :col - keep] = False  # what the live slots saw there has moved
+        self.start = [s + col - self.col for s in self.start]
+        self.col = col
+
+    @torch.no_grad()
+    def step(self):
+        """One decode step of every slot (a free one runs on a pad token and is ignored): its logits."""
+        self.seen[:, self.col] = True  # a free slot sees its own column, so nothing it computes is NaN
+        logits = self.lm(input_ids=self.next[:, None], attention_mask=self.seen[:, None, None, :self.col + 1],
+                         position_ids=self.pos[:, None], cache=self.cache, use_cache=True).logits[:, -1]
+        self.col += 1
+        self.pos += 1
+        return logits
+
+    def release(self, slots):
+        for s in slots:
+            self.owner[s] = None
+        if slots:
+            self.pos[slots] = 0  # a free slot's position stays small (learned position tables end somewhere)
+            self.next[slots] = self.pad
+
+    def shrink(self):
+        """Once nothing is left to admit and at most half the slots are busy: keep only the busy ones."""
+        busy = self.busy()
+        if not busy or len(busy) > self.slots // 2:
+            return
+        rows = torch.tensor(busy, device=self.device)
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+        self.seen, self.pos, self.next = self.seen[rows], self.pos[rows], self.next[rows]
+        self.owner, self.start = [self.owner[s] for s in busy], [self.start[s] for s in busy]
+        self.slots = len(busy)
+
+
+def load_model(model, dtype):
     """(model, tokenizer) from a name, or the pair as given. dtype 'auto': bf16 on GPU, fp32 on CPU."""
     if isinstance(model, tuple):
         return model
@@ -74,48 +220,141 @@ def _load(model, dtype):
     return lm.eval(), tokenizer
 
 
-def sample_responses(prompts, model=PACKAGED_MODEL, k=4, max_new_tokens=512, temperature=0.7, top_p=0.9, seed=0,
-                     batch_size=32, ids=None, dtype="auto", device=None, progress=None):
-    """Sample k responses for each prompt with HF generate. The function behind the CLI, for scripts.
+def slots_work(lm, tokenizer, length):
+    """Whether SlotPool reproduces the model's own forward: its attention takes a 4-D mask as given
+    (common.takes_4d_mask), and on two prompts of different lengths, three greedy steps give the logits
+    of the model run on the whole sequences. Otherwise sampling falls back to HF generate, with a line."""
+    if not takes_4d_mask(lm.config, length):
+        why = f"its attention ({getattr(lm.config, '_attn_implementation', None)}, layer types) does not take a 4-D mask as given"
+    else:
+        prompts = [prompt_ids(tokenizer, "hi"), prompt_ids(tokenizer, "say something longer than that, please")]
+        device = next(lm.parameters()).device
+        try:
+            pool = SlotPool(lm, 2, 3, tokenizer.pad_token_id or 0, max(map(len, prompts)))
+            slots, first = pool.admit(prompts, [[0], [1]])
+            logits = first.new_empty(2, first.shape[-1])
+            logits[slots] = first  # by slot, as pool.step returns them
+            seqs, got = [list(p) for p in prompts], []
+            for _ in range(3):
+                got.append(logits[slots].float())
+                for s, seq in zip(slots, seqs):
+                    seq.append(int(logits[s].argmax()))
+                pool.next[slots] = torch.tensor([seq[-1] for seq in seqs], device=device)
+                logits = pool.step()
+            with torch.no_grad():
+                want = [torch.stack([lm(input_ids=torch.tensor([seq], device=device)).logits[0, len(p) - 1 + t]
+                                     for seq, p in zip(seqs, prompts)]).float() for t in range(3)]
+            tol = 1e-3 if next(lm.parameters()).dtype == torch.float32 else 5e-2
+            if all(torch.allclose(g.log_softmax(-1), w.log_softmax(-1), atol=tol * 10, rtol=tol) for g, w in zip(got, want)):
+                return True
+            why = "its logits differ from the model's own forward on whole sequences"
+        except Exception as e:  # noqa: BLE001  (whatever the model raises, the answer is: HF generate)
+            why = f"its forward fails ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    print(f"generate: model type {lm.config.model_type!r}: slots not used ({why}); sampling with HF generate")
+    return False
 
-    prompts: list of str. model: a name for common.load_causal_lm or a (model, tokenizer) pair.
-    ids: one per prompt, seeds the prompt's samples (default: the prompt's index as a string).
-    batch_size: sequences per generate call; prompts are sorted by length and a batch holds whole
-    prompts (all k samples of each). progress: a tqdm bar to advance by one per prompt, or None.
-    Returns, in input order, one {"responses", "num_tokens", "finished"} dict (k items each) a prompt.
-    """
-    lm, tokenizer = _load(model, dtype)
-    device = torch.device(device) if device else next(lm.parameters()).device
-    lm.to(device)
-    ids = [str(i) for i in range(len(prompts))] if ids is None else ids
+
+def stream_responses(lm, tokenizer, encoded, seeds, k, max_new_tokens, temperature, top_p, batch_size, slots=None):
+    """Yield (i, result) for each prompt as its k responses finish: encoded[i] its token ids, seeds[i] the
+    seeds of its k random streams. Prompts are admitted in the order given. slots: sample with SlotPool
+    (None: where slots_work says so), else with HF generate in batches of batch_size sequences."""
     stop = sorted({end_of_turn_id(tokenizer)} | ({tokenizer.eos_token_id} - {None}))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
-    encoded = [prompt_ids(tokenizer, p) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # longest first: memory errors come early
+    if slots is None:
+        slots = bool(encoded) and slots_work(lm, tokenizer, max(map(len, encoded)) + max_new_tokens)
+    sample = _slot_stream if slots else _generate_stream
+    for i, token_lists in sample(lm, encoded, seeds, k, max_new_tokens, temperature, top_p, batch_size, stop, pad):
+        texts, counts, finished = [], [], []
+        for tokens in token_lists:
+            end = next((t for t, tok in enumerate(tokens) if tok in stop), None)
+            tokens = tokens if end is None else tokens[:end]
+            texts.append(tokenizer.decode(tokens, skip_special_tokens=False))
+            counts.append(len(tokens))
+            finished.append(end is not None)
+        yield i, {"responses": texts, "num_tokens": counts, "finished": finished}
+
+
+def _slot_stream(lm, encoded, seeds, k, max_new_tokens, temperature, top_p, batch_size, stop, pad):
+    """(i, k token lists, each ending on its stop token if it has one) a prompt, from a SlotPool of
+    batch_size slots. New prompts are admitted once a quarter of the slots are free."""
+    pool = SlotPool(lm, max(batch_size, k), max_new_tokens, pad, max(map(len, encoded), default=1))
+    queue, stops = list(range(len(encoded)))[::-1], set(stop)
+    tokens = [[[] for _ in range(k)] for _ in encoded]
+    left = [k] * len(encoded)  # responses of each prompt still being sampled
+    streams = {}
+    while queue or pool.busy():
+        free = len(pool.free())
+        if queue and (free >= max(k, pool.slots // 4) or not pool.busy()):  # admissions in bulk: prefill is cheaper by the batch
+            take = [queue.pop() for _ in range(min(len(queue), free // k))]
+            owners = [[(i, j) for j in range(k)] for i in take]
+            streams.update({(i, j): torch.Generator().manual_seed(seeds[i][j]) for i in take for j in range(k)})
+            slots, logits = pool.admit([encoded[i] for i in take], owners)
+        else:
+            slots = pool.busy()
+            logits = pool.step()[slots]
+        owners = [pool.owner[s] for s in slots]
+        picked = draw(logits, [streams[o] for o in owners], temperature, top_p)
+        pool.next[slots] = picked.to(pool.next.device)
+        ended, complete = [], []
+        for s, (i, j), t in zip(slots, owners, picked.tolist()):
+            tokens[i][j].append(t)
+            if t in stops or len(tokens[i][j]) == max_new_tokens:
+                ended.append(s)
+                del streams[(i, j)]
+                left[i] -= 1
+                if not left[i]:
+                    complete.append(i)
+        pool.release(ended)
+        if not queue:
+            pool.shrink()
+        for i in complete:
+            yield i, tokens[i]
+            tokens[i] = None
+
+
+def _generate_stream(lm, encoded, seeds, k, max_new_tokens, temperature, top_p, batch_size, stop, pad):
+    """The same as _slot_stream with HF generate: batches of whole prompts (batch_size // k, at least
+    one), left padding, PerRowSampler; a batch runs until its longest sequence ends."""
+    device = next(lm.parameters()).device
     per_batch = max(1, batch_size // k)
-    results = [None] * len(prompts)
-    for start in range(0, len(order), per_batch):
-        batch = order[start:start + per_batch]
+    for start in range(0, len(encoded), per_batch):
+        batch = range(start, min(start + per_batch, len(encoded)))
         rows = [encoded[i] for i in batch for _ in range(k)]
         width = max(map(len, rows))
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)  # left padding
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-        sampler = PerRowSampler([response_seed(seed, ids[i], j) for i in batch for j in range(k)], temperature, top_p)
+        sampler = PerRowSampler([s for i in batch for s in seeds[i]], temperature, top_p)
         with torch.no_grad():
             out = lm.generate(input_ids=input_ids, attention_mask=mask, do_sample=False, logits_processor=[sampler],
                               max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad)
         new = out[:, width:].tolist()
         for b, i in enumerate(batch):
-            texts, counts, finished = [], [], []
-            for tokens in new[b * k:(b + 1) * k]:
-                end = next((t for t, tok in enumerate(tokens) if tok in stop), None)
-                tokens = tokens if end is None else tokens[:end]
-                texts.append(tokenizer.decode(tokens, skip_special_tokens=False))
-                counts.append(len(tokens))
-                finished.append(end is not None)
-            results[i] = {"responses": texts, "num_tokens": counts, "finished": finished}
+            yield i, new[b * k:(b + 1) * k]
+
+
+def sample_responses(prompts, model=PACKAGED_MODEL, k=4, max_new_tokens=512, temperature=0.7, top_p=0.9, seed=0,
+                     batch_size=128, ids=None, dtype="auto", device=None, progress=None, slots=None):
+    """Sample k responses for each prompt. The function behind the CLI, for scripts.
+
+    prompts: list of str. model: a name for common.load_causal_lm or a (model, tokenizer) pair.
+    ids: one per prompt, seeds the prompt's samples (default: the prompt's index as a string).
+    batch_size: sequences sampled together (see stream_responses); prompts go longest first.
+    progress: a tqdm bar to advance by one per prompt, or None. slots: as in stream_responses.
+    Returns, in input order, one {"responses", "num_tokens", "finished"} dict (k items each) a prompt.
+    """
+    lm, tokenizer = load_model(model, dtype)
+    if device:
+        lm.to(device)
+    ids = [str(i) for i in range(len(prompts))] if ids is None else ids
+    encoded = [prompt_ids(tokenizer, p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # longest first: memory errors come early
+    results = [None] * len(prompts)
+    for i, result in stream_responses(lm, tokenizer, [encoded[i] for i in order],
+                                      [[response_seed(seed, ids[i], j) for j in range(k)] for i in order],
+                                      k, max_new_tokens, temperature, top_p, batch_size, slots):
+        results[order[i]] = result
         if progress is not None:
-            progress.update(len(batch))
+            progress.update(1)
     return results
 
 
@@ -167,7 +406,7 @@ def check_prompt_lengths(path, rows, lm, tokenizer, max_new_tokens):
 
 
 def main(model=PACKAGED_MODEL, prompts="data/demo_train.jsonl", out="responses.jsonl", k=4, max_new_tokens=512,
-         temperature=0.7, top_p=0.9, seed=0, batch_size=32, engine="hf", dtype="auto"):
+         temperature=0.7, top_p=0.9, seed=0, batch_size=128, engine="hf", dtype="auto"):
     """Sample K responses per prompt and append them to a JSONL file, in input order.
 
     python generate.py --model PATH_OR_ID --prompts prompts.jsonl --out responses.jsonl --k 4
@@ -188,7 +427,7 @@ def main(model=PACKAGED_MODEL, prompts="data/demo_train.jsonl", out="responses.j
         temperature: sampling temperature (0: greedy); 0.7 as SPPO samples its real models
         top_p: nucleus sampling mass; 0.9 as SPPO
         seed: base seed; each response's stream is seeded from (seed, id, sample index)
-        batch_size: sequences per generate call (batch_size // k prompts, at least one)
+        batch_size: sequences sampled at once (slots); memory ~ batch_size x (longest prompt + 2 x max_new_tokens) x the KV bytes of a token
         engine: "hf" (transformers generate) or "vllm" (if installed; untested here)
         dtype: model weights: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16", "float16"
     """
@@ -221,12 +460,12 @@ def main(model=PACKAGED_MODEL, prompts="data/demo_train.jsonl", out="responses.j
         chunks = [(todo, results)]
         bar.update(len(todo))
     else:
-        lm = _load(model, dtype) if todo else None  # a finished stage re-runs in a second: no model to load
+        lm = load_model(model, dtype) if todo else None  # a finished stage re-runs in a second: no model to load
         if lm:
             check_prompt_lengths(prompts, [(n, row) for n, row in rows if row["id"] not in done], *lm, max_new_tokens)
             lm[0].to(state.device)
         bar, t0 = tqdm(total=len(todo), unit="prompt", disable=not state.is_main_process), time.time()
-        chunk = max(1, batch_size // k) * CHUNK_BATCHES * state.num_processes
+        chunk = CHUNK_PROMPTS * state.num_processes
         chunks = _hf_chunks(todo, chunk, lm, state, gather_object, bar,
                             dict(k=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                  batch_size=batch_size))
@@ -248,25 +487,47 @@ def main(model=PACKAGED_MODEL, prompts="data/demo_train.jsonl", out="responses.j
 
 
 def _hf_chunks(todo, chunk, lm, state, gather_object, bar, settings):
-    """Yield (rows, results) per chunk of input order; each process samples a share of a chunk.
+    """Yield (rows, results) per chunk of input order; each process samples a share of every chunk.
 
-    Within a chunk the prompts are sorted by length and dealt out to the processes in whole batches,
-    so every process gets a similar load; the main process gets all results back in input order.
+    Within a chunk the prompts are sorted by length (longest first) and dealt out to the processes in
+    turn, so every process gets a similar load. One stream runs through all of a process's chunks, so
+    the slots never wait for a chunk's last sequence; a chunk is yielded (gathered onto the main
+    process, in input order) once all its prompts are done, and written before the next one.
     """
-    per_batch = max(1, settings["batch_size"] // settings["k"])
-    for start in range(0, len(todo), chunk):
-        rows = todo[start:start + chunk]
-        by_length = sorted(range(len(rows)), key=lambda i: -len(rows[i]["prompt"]))
-        batches = [by_length[b:b + per_batch] for b in range(0, len(by_length), per_batch)]
-        mine = [i for batch in batches[state.process_index::state.num_processes] for i in batch]
-        results = sample_responses([rows[i]["prompt"] for i in mine], lm, ids=[rows[i]["id"] for i in mine],
-                                   progress=bar if state.is_main_process else None, **settings)
-        pairs = list(zip(mine, results))
-        if state.num_processes > 1:
-            pairs = gather_object(pairs)
-            bar.update(len(rows) - len(mine))
-        by_index = dict(pairs)
-        yield rows, [by_index[i] for i in range(len(rows))]
+    if not todo:
+        return
+    model, tokenizer = lm
+    k, seed = settings["k"], settings["seed"]
+    mine = []  # (chunk, row) in the order this process admits them
+    for c, start in enumerate(range(0, len(todo), chunk)):
+        rows = range(start, min(start + chunk, len(todo)))
+        by_length = sorted(rows, key=lambda i: -len(todo[i]["prompt"]))
+        mine += [(c, i) for i in by_length[state.process_index::state.num_processes]]
+    left = [0] * -(-len(todo) // chunk)  # prompts of each chunk this process has still to sample
+    for c, _ in mine:
+        left[c] += 1
+    share = list(left)
+    results, ready = {}, 0
+    stream = stream_responses(model, tokenizer, [prompt_ids(tokenizer, todo[i]["prompt"]) for _, i in mine],
+                              [[response_seed(seed, todo[i]["id"], j) for j in range(k)] for _, i in mine], k,
+                              settings["max_new_tokens"], settings["temperature"], settings["top_p"],
+                              settings["batch_size"], settings.get("slots"))
+    for n, result in itertools.chain(stream, [(None, None)]):
+        if n is not None:
+            c, i = mine[n]
+            results[i] = result
+            left[c] -= 1
+            if state.is_main_process:
+                bar.update(1)
+        while ready < len(left) and not left[ready]:  # the chunks done, in order (a process may have none of one)
+            rows = range(ready * chunk, min((ready + 1) * chunk, len(todo)))
+            pairs = [(i, results.pop(i)) for i in rows if i in results]
+            if state.num_processes > 1:
+                pairs = gather_object(pairs)
+                bar.update(len(rows) - share[ready])
+            by_index = dict(pairs)
+            yield [todo[i] for i in rows], [by_index[i] for i in rows]
+            ready += 1
 
 
 if __name__ == "__main__":

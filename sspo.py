@@ -277,15 +277,6 @@ def tree_mask(branch):
     return (mask | (torch.eye(branch.shape[1], dtype=torch.bool, device=branch.device) & ~real[:, :, None]))[:, None]
 
 
-def can_share_prompt(config, max_length):
-    """Whether the model's attention takes sspo.py's 4-D mask as given: sdpa or eager attention, every
-    layer full attention (or a sliding window no shorter than max_length). check_scorer confirms it."""
-    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
-    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
-    return (getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
-            and kinds <= {"full_attention", "sliding_attention"} and (not window or max_length <= window))
-
-
 # ================================================================================= the model
 
 def _chunk_logps(lm_head, hidden, targets, softcap):
@@ -676,11 +667,11 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
     opt = opt_cls(params, lr=lr, weight_decay=weight_decay)
     scorer, opt = accelerator.prepare(scorer, opt)
     device = accelerator.device
-    if share_prompt and not can_share_prompt(policy.config, max_length):
+    if share_prompt and not common.takes_4d_mask(policy.config, max_length):
         raise UserError(f"--share_prompt True: this model's attention ({policy.config._attn_implementation!r}, sliding window "
                         f"{getattr(policy.config, 'sliding_window', None)}) cannot take sspo.py's 4-D mask at --max_length "
                         f"{max_length}; leave the flag out")
-    wanted, strict = (can_share_prompt(policy.config, max_length), False) if share_prompt is None else (share_prompt, True)
+    wanted, strict = (common.takes_4d_mask(policy.config, max_length), False) if share_prompt is None else (share_prompt, True)
     if "share_prompt_used" in before:  # a resumed run keeps its layout: its steps were cut by it
         wanted, strict = before["share_prompt_used"], True
     with accelerator.autocast():

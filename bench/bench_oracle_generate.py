@@ -100,7 +100,7 @@ def main(prompts=8, k=4, repeats=3, threads=1, batch_size=32, hidden=256, layers
         print(f"  one pair at a time:            {pairs / t_single:8.1f} pairs/s")
         print(f"  ratio {t_single / t_batched:.1f}x (target >= 10x)")
 
-        model = generate._load(os.path.join(tmp, "llama"), "float32")
+        model = generate.load_model(os.path.join(tmp, "llama"), "float32")
         model[0].to("cuda" if torch.cuda.is_available() else "cpu")  # where the oracle runs too
         texts = [r["prompt"] for r in rows]
         settings = dict(k=k, max_new_tokens=max_new_tokens, seed=seed)

@@ -15,8 +15,9 @@ RMSprop on fp32 weights, bf16 autocast as `--mixed_precision bf16`, gradient cli
    checkpointing, and with the prompt shared by chosen and rejected (sspo.py's default where the
    attention takes its 4-D mask): tokens/s of the pairs (the prompt counted twice, as apart), MFU
    on the tokens the layout computes, and peak memory of each;
-3. generation: generate.sample_responses (HF generate, per-row sampler) of --gen_prompts prompts x K=4,
-   --gen_new_tokens new tokens each (a random model seldom ends a turn), bf16 weights: new tokens/s.
+3. generation: generate.sample_responses of --gen_prompts prompts x K=4, --gen_new_tokens new tokens
+   each (a random model seldom ends a turn), bf16 weights, all sequences at once: new tokens/s with
+   generate.py's slots (its default) and with HF generate (slots=False), side by side.
 
 MFU counts useful FLOPs only (recomputation under gradient checkpointing is not useful):
   training step: 6 N_body T + 6 N_head R + 12 L d T S_eff,   reference pass: a third of that,
@@ -201,17 +202,20 @@ def generation(model, tokenizer, shape, device, k=4):
     lm = model.to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
     lm.config.use_cache = True
     prompts = [" ".join(f"w{(7 * i + j) % 500}" for j in range(32)) for i in range(shape["gen_prompts"])]
-    reset_memory(device)
-    generate.sample_responses(prompts[:1], model=(lm, tokenizer), k=k, max_new_tokens=2, batch_size=k)  # warm-up
-    sync(device)
-    t = time.perf_counter()
-    results = generate.sample_responses(prompts, model=(lm, tokenizer), k=k, max_new_tokens=shape["gen_new_tokens"],
-                                        batch_size=len(prompts) * k)
-    sync(device)
-    dt = time.perf_counter() - t
-    new = sum(n for r in results for n in r["num_tokens"])
-    return dict(prompts=len(prompts), k=k, batch=len(prompts) * k, max_new_tokens=shape["gen_new_tokens"], new_tokens=new,
-                seconds=dt, new_tokens_per_s=new / dt, peak_memory_gib=peak_memory(device))
+    out = {}
+    for name, slots in (("slots", True), ("hf_generate", False)):
+        reset_memory(device)
+        generate.sample_responses(prompts[:1], model=(lm, tokenizer), k=k, max_new_tokens=2, batch_size=k, slots=slots)  # warm-up
+        sync(device)
+        t = time.perf_counter()
+        results = generate.sample_responses(prompts, model=(lm, tokenizer), k=k, max_new_tokens=shape["gen_new_tokens"],
+                                            batch_size=len(prompts) * k, slots=slots)
+        sync(device)
+        dt = time.perf_counter() - t
+        new = sum(n for r in results for n in r["num_tokens"])
+        out[name] = dict(new_tokens=new, seconds=dt, new_tokens_per_s=new / dt, peak_memory_gib=peak_memory(device))
+    return dict(prompts=len(prompts), k=k, batch=len(prompts) * k, max_new_tokens=shape["gen_new_tokens"], **out,
+                slots_over_hf_generate=out["slots"]["new_tokens_per_s"] / out["hf_generate"]["new_tokens_per_s"])
 
 
 def main(tiny=False, out=None, batch_size=None, seq_len=None, steps=None):
@@ -261,8 +265,10 @@ def run(tiny=False, out=None, batch_size=None, seq_len=None, steps=None):
               f"{r['ref_tokens_per_s']:9.0f} tok/s, MFU {r['ref_mfu']:.1%}  | loss {r['first_loss']:.4g} -> {r['last_loss']:.4g}",
               flush=True)
     g = report["generation"] = generation(model, tokenizer, shape, device)
-    print(f"generate  {g['prompts']} prompts x K={g['k']} (batch {g['batch']}), {g['new_tokens']} new tokens in "
-          f"{g['seconds']:.1f} s: {g['new_tokens_per_s']:.0f} new tok/s, peak {g['peak_memory_gib']:.2f} GiB", flush=True)
+    for name in ("slots", "hf_generate"):
+        r = g[name]
+        print(f"generate ({name:11}) {g['prompts']} prompts x K={g['k']} (batch {g['batch']}), {r['new_tokens']} new tokens in "
+              f"{r['seconds']:.1f} s: {r['new_tokens_per_s']:.0f} new tok/s, peak {r['peak_memory_gib']:.2f} GiB", flush=True)
     report["seconds"] = time.time() - t0
     if out is None and not tiny:
         out = os.path.join(os.environ["OUT"], "gpu.json") if os.environ.get("OUT") else os.path.join(ROOT, "bench/results/gpu.json")

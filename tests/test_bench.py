@@ -31,7 +31,9 @@ def test_gpu_script_runs_tiny_on_cpu(tmp_path):
         assert r["first_loss"] == pytest.approx(102500, abs=0.2)
         assert r["last_loss"] < r["first_loss"]  # the steps train
     g = report["generation"]
-    assert 0 < g["new_tokens"] <= g["prompts"] * g["k"] * g["max_new_tokens"] and g["new_tokens_per_s"] > 0
+    for r in (g["slots"], g["hf_generate"]):
+        assert 0 < r["new_tokens"] <= g["prompts"] * g["k"] * g["max_new_tokens"] and r["new_tokens_per_s"] > 0
+    assert g["slots"]["new_tokens"] == g["hf_generate"]["new_tokens"]  # the same answers, by the two paths
 
 
 def test_gpu_flop_count_matches_a_hand_count():

@@ -99,7 +99,7 @@ def test_resume_appends_only_missing_ids(tiny_model_dir, tmp_path, monkeypatch):
     assert open(tmp_path / "part.jsonl").read() == "".join(lines)
     with pytest.raises(UserError, match="part.jsonl:1: field 'generator': .* resume with the same flags"):
         run(tiny_model_dir, prompts, tmp_path / "part.jsonl", seed=2)  # would mix two runs in one file
-    monkeypatch.setattr(generate, "_load", None)  # nothing left to do: no model is even loaded
+    monkeypatch.setattr(generate, "load_model", None)  # nothing left to do: no model is even loaded
     run(tiny_model_dir, prompts, tmp_path / "part.jsonl")
     assert open(tmp_path / "part.jsonl").read() == "".join(lines)
 
@@ -137,3 +137,70 @@ def test_two_processes_write_one_file_in_input_order(tiny_model_dir, tmp_path):
            "--max_new_tokens", "8", "--batch_size", "3", "--seed", "1"]
     subprocess.run(cmd, check=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert open(tmp_path / "one.jsonl").read() == open(tmp_path / "two.jsonl").read()
+
+
+def stopping_model(tiny_model_dir, boost):
+    """The tiny model with its end-of-turn logit raised by `boost`: answers end at many lengths, and
+    the logits still depend on every earlier token (attention, positions), unlike biased_model's."""
+    model, tokenizer = load_causal_lm(tiny_model_dir)
+    head = torch.nn.Linear(model.config.hidden_size, len(tokenizer), bias=True)
+    head.weight.data.copy_(model.lm_head.weight.data)
+    torch.nn.init.zeros_(head.bias)
+    head.bias.data[tokenizer.convert_tokens_to_ids("<|im_end|>")] = boost
+    model.lm_head = head
+    return model.eval(), tokenizer
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_slots_sample_what_hf_generate_samples(tiny_model_dir, monkeypatch, temperature):
+    """SlotPool (refills, moved columns, a shrunk tail, a prompt longer than all before it) gives the
+    very answers of HF generate with the same per-response streams."""
+    lm, tokenizer = stopping_model(tiny_model_dir, 3.0 if temperature else 0.0)
+    words = "the cat and the dog went to the city of paris in france with the blue water".split()
+    prompts = [" ".join(words[:n]) for n in (1, 3, 2, 5, 1, 4, 2, 16, 3, 1, 6, 2)]  # the 16-word one comes late
+    encoded = [prompt_ids(tokenizer, p) for p in prompts]
+    seeds = [[generate.response_seed(5, str(i), j) for j in range(3)] for i in range(len(prompts))]
+    calls = {"admit": 0, "moved": 0, "shrunk": 0}
+    admit, move, shrink = generate.SlotPool.admit, generate.move_columns, generate.SlotPool.shrink
+
+    def counted_admit(pool, *a):
+        calls["admit"] += 1
+        return admit(pool, *a)
+
+    def counted_move(buffer, src, dst, n):
+        calls["moved"] += src != dst and n > 0
+        return move(buffer, src, dst, n)
+
+    def counted_shrink(pool):
+        before = pool.slots
+        shrink(pool)
+        calls["shrunk"] += pool.slots < before
+    monkeypatch.setattr(generate.SlotPool, "admit", counted_admit)
+    monkeypatch.setattr(generate, "move_columns", counted_move)
+    monkeypatch.setattr(generate.SlotPool, "shrink", counted_shrink)
+
+    def sample(slots):
+        out = generate.stream_responses(lm, tokenizer, encoded, seeds, 3, 12, temperature, 0.9, 6, slots=slots)
+        return dict(out)
+    with_slots, with_generate = sample(True), sample(False)
+    assert with_slots == with_generate
+    if temperature:  # answers of many lengths: slots refilled at many points, and every path of the pool ran
+        assert len({n for r in with_slots.values() for n in r["num_tokens"]}) > 3
+        assert calls["admit"] >= 6 and calls["moved"] and calls["shrunk"]
+
+
+def test_slots_work_checks_the_model(tiny_model_dir, capsys):
+    from transformers import BloomConfig, BloomForCausalLM, MistralConfig, MistralForCausalLM
+
+    lm, tokenizer = load_causal_lm(tiny_model_dir)
+    assert generate.slots_work(lm, tokenizer, 64) and not capsys.readouterr().out
+    small = dict(vocab_size=len(tokenizer), hidden_size=32, num_attention_heads=4, eos_token_id=2, pad_token_id=3)
+    mistral = MistralForCausalLM(MistralConfig(**small, intermediate_size=64, num_hidden_layers=2, num_key_value_heads=2,
+                                               sliding_window=16)).eval()
+    assert not generate.slots_work(mistral, tokenizer, 64)  # a window shorter than the sequences: HF generate
+    assert "slots not used" in capsys.readouterr().out
+    bloom = BloomForCausalLM(BloomConfig(**small, n_layer=2, n_head=4)).eval()
+    assert not generate.slots_work(bloom, tokenizer, 64)  # ALiBi: its bias comes from a 2-D mask
+    assert "slots not used" in capsys.readouterr().out
+    got = generate.sample_responses(PROMPTS[:2], (bloom, tokenizer), k=2, max_new_tokens=4)  # and still samples
+    assert got == generate.sample_responses(PROMPTS[:2], (bloom, tokenizer), k=2, max_new_tokens=4, slots=False)

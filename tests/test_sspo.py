@@ -306,7 +306,7 @@ def test_shared_prompt_across_architectures(arch):
     model = transformers.AutoModelForCausalLM.from_config(config)
     sspo.disable_dropout(model)
     scorer, examples = sspo.SequenceScorer(model), _random_examples(tokenizer, 3, seed=4)
-    assert sspo.check_scorer(scorer, examples, tokenizer.pad_token_id, "cpu", arch, share_prompt=sspo.can_share_prompt(config, 512)) is shared
+    assert sspo.check_scorer(scorer, examples, tokenizer.pad_token_id, "cpu", arch, share_prompt=common.takes_4d_mask(config, 512)) is shared
     if shared:  # and trains the same: gradients of shared rows == rows apart
         grads = []
         for share in (False, True):
@@ -323,14 +323,14 @@ def test_can_share_prompt_only_where_the_mask_is_taken_as_given():
     llama = LlamaConfig()
     for impl, ok in (("sdpa", True), ("eager", True), ("flash_attention_2", False), ("flex_attention", False)):
         llama._attn_implementation = impl
-        assert sspo.can_share_prompt(llama, 1024) is ok, impl
+        assert common.takes_4d_mask(llama, 1024) is ok, impl
     mistral = MistralConfig(sliding_window=512)
     mistral._attn_implementation = "sdpa"
-    assert sspo.can_share_prompt(mistral, 512) and not sspo.can_share_prompt(mistral, 513)
+    assert common.takes_4d_mask(mistral, 512) and not common.takes_4d_mask(mistral, 513)
     hybrid = LlamaConfig()
     hybrid._attn_implementation = "sdpa"
     hybrid.layer_types = ["full_attention", "linear_attention"]
-    assert not sspo.can_share_prompt(hybrid, 128)
+    assert not common.takes_4d_mask(hybrid, 128)
 
 
 # ------------------------------------------------------------------------------ real training
