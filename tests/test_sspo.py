@@ -172,7 +172,8 @@ def test_truncation_keeps_the_prompt_end_and_cuts_responses(tiny_model_dir):
 
 # ------------------------------------------------------------------------------------ scorer
 
-def test_fast_logps_equal_the_naive_full_logits(tiny_model_dir):
+@pytest.mark.parametrize("chunk", [7, 4096])  # chunks smaller than one response (recomputed); one chunk (kept)
+def test_fast_logps_equal_the_naive_full_logits(tiny_model_dir, chunk):
     from transformers import AutoModelForCausalLM
 
     tokenizer = common.load_tokenizer(tiny_model_dir)
@@ -183,7 +184,7 @@ def test_fast_logps_equal_the_naive_full_logits(tiny_model_dir):
              for _ in range(5)]
     examples, _ = sspo.tokenize_pairs(pairs, tokenizer, 512)
     batch = sspo.collate(examples, tokenizer.pad_token_id)
-    scorer = sspo.SequenceScorer(model, chunk=7)  # chunks smaller than one response
+    scorer = sspo.SequenceScorer(model, chunk=chunk)
     fast, pooled = scorer(**batch)
     fast.sum().backward()
     grads_fast = [p.grad.clone() for p in model.parameters()]
