@@ -239,7 +239,7 @@ def test_run_sh_killed_and_resumed(tiny_model_dir, models, tmp_path):  # noqa: F
     command = ["bash", os.path.join(HERE, "run.sh")]
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    halfway = runs / "overconfident" / "sspo" / "iter1" / "report.json.done"
+    halfway = runs / "clean" / "sspo" / "iter1" / "report.json.done"  # the third call: an arm and condition at a time
     deadline = time.time() + 600
     while not halfway.exists() and first.poll() is None and time.time() < deadline:
         time.sleep(0.5)
@@ -247,15 +247,15 @@ def test_run_sh_killed_and_resumed(tiny_model_dir, models, tmp_path):  # noqa: F
     first.wait()
     log.close()
     assert halfway.exists(), (tmp_path / "first.log").read_text()[-3000:]
-    assert not (runs / "clean" / "sspo" / "iter2" / "model" / "summary.json").exists()
+    assert not (runs / "overconfident" / "dpo" / "iter1" / "model" / "summary.json").exists()
 
     second = subprocess.run(command, env=env, capture_output=True, text=True)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     lines = second.stdout.splitlines()
     assert "8 iterate.sh calls, 5 still to run" in lines[0]  # the plan counts what is left
-    for arm in ("sspo", "dpo"):  # the models made before the kill are kept, not trained again
-        assert f"== skip, already done: {runs}/clean/{arm}/iter1/model" in lines
-        assert not any(f"--output_dir {runs}/clean/{arm}/iter1/model" in line for line in lines)
+    for run in ("overconfident/sspo/iter1", "overconfident/sspo/iter2", "clean/sspo/iter1"):  # made before the kill:
+        assert f"== skip, already done: {runs}/{run}/model" in lines  # kept, not trained again
+        assert not any(f"--output_dir {runs}/{run}/model" in line for line in lines)
 
     for f in ("base_heldout.jsonl", "iter1/responses.jsonl", "iter1/scored.jsonl"):  # made once, shared by all
         made = {(runs / c / a / f).read_bytes() for c in ("clean", "overconfident") for a in ("sspo", "dpo")}
@@ -274,3 +274,12 @@ def test_run_sh_killed_and_resumed(tiny_model_dir, models, tmp_path):  # noqa: F
     assert all(r["corrupted_share"] > 0 for r in recs if r["condition"] == "overconfident")
     assert (dest / "plot.png").exists() and "| overconfident | dpo | 2 |" in (dest / "RESULTS.md").read_text()
     assert len(_read_jsonl(dest / "wall_time.jsonl")) >= 8
+
+    # a fresh checkout: the committed results but no models; finished arms are not run again
+    os.rename(runs, tmp_path / "runs-gone")
+    third = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    for c in ("clean", "overconfident"):
+        for a in ("sspo", "dpo"):
+            assert f"== {c} / {a}: all 2 iterations are in {dest} already (an earlier checkout): skipped" in third.stdout
+    assert json.loads((dest / "results.json").read_text()) == recs

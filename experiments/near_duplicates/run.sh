@@ -14,15 +14,17 @@
 # answers with similarity >= THRESHOLD); random (CONTROL=1: CONTROL_SHARE of all pairs, whatever their similarity).
 #
 # Every arm and condition starts from the same files: the base model's held-out answers and iteration 1's
-# samples and scores are made once (by the first arm) and copied with `cp -a` (which keeps the stage markers'
+# samples and scores are made once (by the first run that needs them) and copied with `cp -a` (which keeps the stage markers'
 # times) into the other runs, so iterate.sh skips those stages; the overconfident rewrite of iteration 1 is
 # made once per condition the same way. From iteration 2 on each arm samples from its own model.
-# The loop runs iteration 1 of every condition and arm first, then iteration 2, then 3, each call
-# `ITERS=t bash scripts/iterate.sh` on the same OUT, so a killed run continues where it stopped.
+# The loop runs all iterations of one arm and condition before the next (ARMS x CONDITIONS, in the order
+# given: SPPO and S-SPPO under the overconfident oracle first, the comparison the experiment is about),
+# each iteration a call `ITERS=t bash scripts/iterate.sh` on the same OUT, so a killed run continues where
+# it stopped. The models live in RUNS, which a fresh checkout does not have: there a run whose ITERS
+# iterations are all in DEST already is skipped, and an unfinished one starts again from its iteration 1.
 #
 # After each call the files to commit are copied into DEST (held-out answers, sspo.py's metrics.jsonl and
-# summary.json, trained_pairs.py's extract, wall_time.jsonl); after each iteration of all arms and at the
-# end results.py rebuilds results.json, RESULTS.md's table and plot.png from DEST alone. Nothing is committed.
+# summary.json, trained_pairs.py's extract, wall_time.jsonl); after each arm and condition results.py rebuilds results.json, RESULTS.md's table and plot.png from DEST alone. Nothing is committed.
 #
 # Settings (environment variables): MODEL (default: the packaged SmolLM2), EMBEDDER (similarity encoder),
 # TRAIN_PROMPTS (data/demo_train.jsonl) and TRAIN_N (128: its first N), HELDOUT (data/demo_heldout.jsonl),
@@ -52,8 +54,8 @@ SSPO_ARGS="${SSPO_ARGS:---beta 0.02 --lr 1e-5 --batch_size 4 --epochs 1 --max_le
 GENERATE_ARGS="${GENERATE_ARGS:-}"  # generate.py's own defaults, as make demo
 RUNS="${RUNS:-runs/near_duplicates}"
 DEST="${DEST:-experiments/near_duplicates}"
-read -r -a arms <<< "${ARMS:-sspo sppo dpo sspo_gate sspo_rep}"
-default_conditions="clean overconfident"
+read -r -a arms <<< "${ARMS:-sppo sspo dpo sspo_gate sspo_rep}"
+default_conditions="overconfident clean"
 if [[ "${CONTROL:-0}" == 1 ]]; then default_conditions+=" random"; fi
 read -r -a conditions <<< "${CONDITIONS:-$default_conditions}"
 here=experiments/near_duplicates
@@ -85,17 +87,23 @@ if ! [[ "$ITERS" =~ ^[0-9]+$ && "$ITERS" -ge 1 ]]; then
   exit 2
 fi
 
-# share FROM TO FILE...: copy stage outputs another run made, with their markers, unless TO has them already.
+# share TO FILE[:CONDITION]...: copy stage outputs that another run of this experiment made (of CONDITION
+# only, when given), with their markers, unless TO has them already.
 share() {
-  local from="$1" to="$2" file
-  shift 2
-  if [[ "$from" == "$to" ]]; then return 0; fi
-  for file in "$@"; do
-    if [[ -e "$from/$file.done" && ! -e "$to/$file.done" ]]; then
-      mkdir -p "$(dirname "$to/$file")"
-      rm -rf "${to:?}/$file"
-      cp -a "$from/$file" "$from/$file.done" "$(dirname "$to/$file")/"  # the file, then its marker
-    fi
+  local to="$1" item file only from
+  shift
+  for item in "$@"; do
+    file="${item%%:*}" only=""
+    if [[ "$item" == *:* ]]; then only="${item#*:}"; fi
+    for from in "$RUNS"/*/*; do
+      if [[ -n "$only" && "$(basename "$(dirname "$from")")" != "$only" ]]; then continue; fi
+      if [[ "$from" != "$to" && -e "$from/$file.done" && ! -e "$to/$file.done" ]]; then
+        mkdir -p "$(dirname "$to/$file")"
+        rm -rf "${to:?}/$file"
+        cp -a "$from/$file" "$from/$file.done" "$(dirname "$to/$file")/"  # the file, then its marker
+        break
+      fi
+    done
   done
 }
 
@@ -136,9 +144,8 @@ results() {
 
 # The plan, from the stage times of make demo's settings on a 2-core CPU (tenths of a minute): sampling
 # 128 prompts x 4 25, training 40, held-out 60 x 4 13, the oracle 5, evaluation 2, extract and results.py 3.
-first="$RUNS/${conditions[0]}/${arms[0]}"
 calls=0 todo=0 tenths=0
-if [[ ! -e "$first/iter1/scored.jsonl.done" ]]; then tenths=$((13 + 25 + 5)); fi
+if ! compgen -G "$RUNS/*/*/iter1/scored.jsonl.done" > /dev/null; then tenths=$((13 + 25 + 5)); fi
 for ((t = 1; t <= ITERS; t++)); do
   for condition in "${conditions[@]}"; do
     for arm in "${arms[@]}"; do
@@ -159,13 +166,17 @@ prompts="$RUNS/train_prompts.jsonl"
 head -n "$TRAIN_N" "$TRAIN_PROMPTS" > "$prompts.new"
 if cmp -s "$prompts.new" "$prompts"; then rm "$prompts.new"; else mv "$prompts.new" "$prompts"; fi
 
-for ((t = 1; t <= ITERS; t++)); do
+for arm in "${arms[@]}"; do
   for condition in "${conditions[@]}"; do
-    for arm in "${arms[@]}"; do
-      out="$RUNS/$condition/$arm"
+    out="$RUNS/$condition/$arm"
+    if [[ -e "$DEST/data/$condition/$arm/iter$ITERS/summary.json" && ! -e "$out/iter$ITERS/report.json.done" ]]; then
+      echo "== $condition / $arm: all $ITERS iterations are in $DEST already (an earlier checkout): skipped"
+      continue
+    fi
+    for ((t = 1; t <= ITERS; t++)); do
       if [[ "$t" == 1 ]]; then
-        share "$first" "$out" base_heldout.jsonl iter1/responses.jsonl iter1/scored.jsonl
-        share "$RUNS/$condition/${arms[0]}" "$out" iter1/rewritten.jsonl
+        share "$out" base_heldout.jsonl iter1/responses.jsonl iter1/scored.jsonl
+        share "$out" "iter1/rewritten.jsonl:$condition"
       fi
       mapfile -t flags < <(arm_flags "$arm")
       echo "== $condition / $arm: iteration $t of $ITERS"
@@ -180,10 +191,10 @@ for ((t = 1; t <= ITERS; t++)); do
       record_time false
       collect "$condition" "$arm" "$t"
     done
+    if [[ "$changed" == 1 || ! -e "$DEST/results.json" ]]; then
+      results  # after each arm and condition: partial results to commit
+      changed=0
+    fi
   done
-  if [[ "$changed" == 1 || ! -e "$DEST/results.json" ]]; then
-    results  # after each iteration of every arm: partial results to commit
-    changed=0
-  fi
 done
 echo "== done: $DEST/results.json, $DEST/RESULTS.md, $DEST/plot.png (commit $DEST; $RUNS stays out of git)"
