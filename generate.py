@@ -277,7 +277,8 @@ def stream_responses(lm, tokenizer, encoded, seeds, k, max_new_tokens, temperatu
 def _slot_stream(lm, encoded, seeds, k, max_new_tokens, temperature, top_p, batch_size, stop, pad):
     """(i, k token lists, each ending on its stop token if it has one) a prompt, from a SlotPool of
     batch_size slots. New prompts are admitted once a quarter of the slots are free."""
-    pool = SlotPool(lm, max(batch_size, k), max_new_tokens, pad, max(map(len, encoded), default=1))
+    slots = min(max(batch_size, k), k * len(encoded))  # no buffers for slots that would never be used
+    pool = SlotPool(lm, slots, max_new_tokens, pad, max(map(len, encoded), default=1))
     queue, stops = list(range(len(encoded)))[::-1], set(stop)
     tokens = [[[] for _ in range(k)] for _ in encoded]
     left = [k] * len(encoded)  # responses of each prompt still being sampled
