@@ -106,6 +106,29 @@ def read_json(path):
     return obj
 
 
+def read_rows(path, min_responses=None):
+    """[(line, row)] of a prompts or responses file (METHOD.md §5), every row checked: an "id" (a string
+    or an integer) that no earlier line used, a string "prompt", and with min_responses=K a list of at
+    least K string "responses". The one reader of these files for generate.py, oracle.py and evaluate.py."""
+    rows, seen = [], {}
+    for n, row in read_jsonl(path):
+        if not isinstance(row.get("id"), (str, int)) or isinstance(row.get("id"), bool) or row["id"] == "":
+            raise field_error(path, n, "id", "missing, or not a string or an integer")
+        if row["id"] in seen:
+            raise field_error(path, n, "id", f"id {row['id']!r} repeats line {seen[row['id']]}")
+        seen[row["id"]] = n
+        if not isinstance(row.get("prompt"), str):
+            raise field_error(path, n, "prompt", "missing or not a string")
+        if min_responses is not None:
+            ys = row.get("responses")
+            if not isinstance(ys, list) or not all(isinstance(y, str) for y in ys):
+                raise field_error(path, n, "responses", "missing or not a list of strings")
+            if len(ys) < min_responses:
+                raise field_error(path, n, "responses", f"needs K >= {min_responses} responses, has {len(ys)}")
+        rows.append((n, row))
+    return rows
+
+
 def cut_partial_line(path):
     """Cut what follows the last newline of `path`: the half-written line a kill leaves. Returns the bytes kept."""
     with open(path, "rb+") as f:

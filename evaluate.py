@@ -21,7 +21,7 @@ import warnings
 
 import numpy as np
 
-from common import UserError, atomic_write_json, cli, field_error, read_json, read_jsonl
+from common import UserError, atomic_write_json, cli, field_error, read_json, read_jsonl, read_rows
 
 C_GRID = np.logspace(-4, 4, 10)  # AlpacaEval's LogisticRegressionCV grid (sklearn's default Cs=10)
 N_FOLDS = 5
@@ -206,20 +206,9 @@ def constraint_report(out_rows, ref_rows, resamples=10000, seed=0):
 
 # ------------------------------------------------------------------------------------ the files
 
-def _read_responses(path):
-    """{id: (line, row)} of a responses file, each row checked for an id, a prompt and responses."""
-    rows = {}
-    for line, row in read_jsonl(path):
-        if not isinstance(row.get("id"), (str, int)) or isinstance(row["id"], bool) or row["id"] == "":
-            raise field_error(path, line, "id", "missing, or not a string")
-        if row["id"] in rows:
-            raise field_error(path, line, "id", f"id {row['id']!r} repeats line {rows[row['id']][0]}")
-        if not isinstance(row.get("prompt"), str):
-            raise field_error(path, line, "prompt", "must be a string")
-        responses = row.get("responses")
-        if not isinstance(responses, list) or not responses or not all(isinstance(r, str) for r in responses):
-            raise field_error(path, line, "responses", "must be a non-empty list of strings")
-        rows[row["id"]] = (line, row)
+def _responses_by_id(path):
+    """{id: (line, row)} of a responses file (common.read_rows), at least one row, one response a row."""
+    rows = {row["id"]: (n, row) for n, row in read_rows(path, min_responses=1)}
     if not rows:
         raise UserError(f"{path}: no rows")
     return rows
@@ -258,7 +247,7 @@ def evaluate(outputs, references, oracle="pairrm", oracle_model=None, batch_size
     """The report dict of `outputs` judged against `references` (see main)."""
     from tqdm import tqdm
 
-    out_rows, ref_rows = _read_responses(outputs), _read_responses(references)
+    out_rows, ref_rows = _responses_by_id(outputs), _responses_by_id(references)
     ids = list(out_rows)
     for i in ids:
         line, row = out_rows[i]

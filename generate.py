@@ -24,7 +24,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from common import (PACKAGED_MODEL, JsonlAppender, UserError, check_same_run, cli, end_of_turn_id, field_error,
-                    load_causal_lm, prompt_ids, read_jsonl, resolve_model, takes_4d_mask)
+                    load_causal_lm, prompt_ids, read_rows, resolve_model, takes_4d_mask)
 
 CHUNK_PROMPTS = 64  # prompts a process samples per written chunk: a kill loses about one chunk a process
 
@@ -379,17 +379,11 @@ def _sample_vllm(prompts, model, k, max_new_tokens, temperature, top_p, seed, id
 
 
 def read_prompts(path):
-    """[(line, row)] of a prompts file, checked: a string "prompt", an "id" that no earlier line used."""
-    rows, seen = [], {}
-    for n, row in read_jsonl(path):
-        if not isinstance(row.get("id"), (str, int)) or isinstance(row.get("id"), bool):
-            raise field_error(path, n, "id", "missing, or not a string or an integer")
-        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-            raise field_error(path, n, "prompt", "missing, empty or not a string")
-        if row["id"] in seen:
-            raise field_error(path, n, "id", f"id {row['id']!r} repeats line {seen[row['id']]}")
-        seen[row["id"]] = n
-        rows.append((n, row))
+    """[(line, row)] of a prompts file (common.read_rows), every prompt a non-empty string."""
+    rows = read_rows(path)
+    for n, row in rows:
+        if not row["prompt"].strip():
+            raise field_error(path, n, "prompt", "empty: nothing to answer")
     return rows
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from common import (PACKAGED_EMBEDDER, PACKAGED_MODEL, JsonlAppender, UserError, check_same_run, cli, field_error,
-                    load_causal_lm, load_errors, load_tokenizer, prompt_ids, read_jsonl, resolve_model)
+                    load_causal_lm, load_errors, load_tokenizer, prompt_ids, read_rows, resolve_model)
 
 CHUNK_BATCHES = 8  # rows are scored and written in chunks of about this many full batches
 
@@ -530,26 +530,6 @@ def sim_matrices(response_lists, embedder=PACKAGED_EMBEDDER, batch_size=64):
 
 # ------------------------------------------------------------------------------------------ CLI
 
-def read_responses(path):
-    """The rows of a responses file, checked: an unused "id", a string "prompt", K >= 2 string responses."""
-    rows, seen = [], {}
-    for n, row in read_jsonl(path):
-        if not isinstance(row.get("id"), (str, int)) or isinstance(row.get("id"), bool):
-            raise field_error(path, n, "id", "missing, or not a string or an integer")
-        if row["id"] in seen:
-            raise field_error(path, n, "id", f"id {row['id']!r} repeats line {seen[row['id']]}")
-        seen[row["id"]] = n
-        if not isinstance(row.get("prompt"), str):
-            raise field_error(path, n, "prompt", "missing or not a string")
-        ys = row.get("responses")
-        if not isinstance(ys, list) or not all(isinstance(y, str) for y in ys):
-            raise field_error(path, n, "responses", "missing or not a list of strings")
-        if len(ys) < 2:
-            raise field_error(path, n, "responses", f"needs K >= 2 responses to compare, has {len(ys)}")
-        rows.append(row)
-    return rows
-
-
 def main(data="responses.jsonl", out="scored.jsonl", oracle="pairrm", oracle_model=None, embedder=PACKAGED_EMBEDDER,
          batch_size=32, rule_credit=None):
     """Add pairwise win probabilities "pref" and similarities "sim" (K x K each) to each line.
@@ -582,7 +562,7 @@ def main(data="responses.jsonl", out="scored.jsonl", oracle="pairrm", oracle_mod
         if rule_credit not in CREDITS:
             raise UserError(f"--rule_credit must be one of {', '.join(CREDITS)}, not {rule_credit!r}")
         options["credit"] = rule_credit
-    rows = read_responses(data)
+    rows = [row for _, row in read_rows(data, min_responses=2)]  # K >= 2: a pair to compare
     stamp = {"kind": oracle, "model": model, "embedder": embedder}
     if oracle == "rule":
         stamp["credit"] = options.get("credit", CREDITS[0])

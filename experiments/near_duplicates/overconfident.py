@@ -25,7 +25,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from common import UserError, atomic_write_text, cli, field_error, read_jsonl  # noqa: E402
+from common import UserError, atomic_write_text, cli, field_error, read_rows  # noqa: E402
 
 DEFAULT_THRESHOLD = 0.8  # the top quarter of sibling similarities of SmolLM2 answers (MiniLM; bench/similarity_stats.py)
 PERCENTILES = (5, 25, 50, 75, 95)
@@ -56,20 +56,13 @@ def _matrix(path, n, row, name, k):
 
 
 def read_scored(path):
-    """[(line, row, P, S)] of a scored file (oracle.py's output), each row checked."""
-    rows, seen = [], set()
-    for n, row in read_jsonl(path):
+    """[(line, row, P, S)] of a scored file (oracle.py's output), each row checked (common.read_rows, then P, S)."""
+    rows = []
+    for n, row in read_rows(path, min_responses=2):
         if "rewrite" in row:
             raise field_error(path, n, "rewrite", "this row was rewritten already: give oracle.py's output")
-        ys = row.get("responses")
-        if not isinstance(ys, list) or len(ys) < 2:
-            raise field_error(path, n, "responses", "must be a list of at least 2 responses")
-        if not isinstance(row.get("id"), (str, int)) or isinstance(row.get("id"), bool):
-            raise field_error(path, n, "id", "missing, or not a string or an integer")
-        if row["id"] in seen:
-            raise field_error(path, n, "id", f"id {row['id']!r} repeats an earlier line")
-        seen.add(row["id"])
-        rows.append((n, row, _matrix(path, n, row, "pref", len(ys)), _matrix(path, n, row, "sim", len(ys))))
+        k = len(row["responses"])
+        rows.append((n, row, _matrix(path, n, row, "pref", k), _matrix(path, n, row, "sim", k)))
     if not rows:
         raise UserError(f"{path}: no rows")
     return rows
