@@ -18,7 +18,7 @@
 # times) into the other runs, so iterate.sh skips those stages; the overconfident rewrite of iteration 1 is
 # made once per condition the same way. From iteration 2 on each arm samples from its own model.
 # The loop runs all iterations of one arm and condition before the next (ARMS x CONDITIONS, in the order
-# given: SPPO and S-SPPO under the overconfident oracle first, the comparison the experiment is about),
+# given: SPPO under the overconfident then the clean oracle first, then S-SPPO the same, then the rest),
 # each iteration a call `ITERS=t bash scripts/iterate.sh` on the same OUT, so a killed run continues where
 # it stopped. The models live in RUNS, which a fresh checkout does not have: there a run whose ITERS
 # iterations are all in DEST already is skipped, and an unfinished one starts again from its iteration 1.
