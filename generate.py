@@ -242,8 +242,8 @@ def slots_work(lm, tokenizer, length):
                 pool.next[slots] = torch.tensor([seq[-1] for seq in seqs], device=device)
                 logits = pool.step()
             with torch.no_grad():
-                want = [torch.stack([lm(input_ids=torch.tensor([seq], device=device)).logits[0, len(p) - 1 + t]
-                                     for seq, p in zip(seqs, prompts)]).float() for t in range(3)]
+                full = [lm(input_ids=torch.tensor([seq], device=device)).logits[0] for seq in seqs]  # one forward each
+                want = [torch.stack([f[len(p) - 1 + t] for f, p in zip(full, prompts)]).float() for t in range(3)]
             tol = 1e-3 if next(lm.parameters()).dtype == torch.float32 else 5e-2
             if all(torch.allclose(g.log_softmax(-1), w.log_softmax(-1), atol=tol * 10, rtol=tol) for g, w in zip(got, want)):
                 return True
