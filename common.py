@@ -129,6 +129,21 @@ def read_rows(path, min_responses=None):
     return rows
 
 
+def matrix_field(path, n, row, name, k):
+    """row[name] as a K x K float64 numpy array, or a one-line error naming file, line and field."""
+    import numpy as np
+
+    value = row.get(name)
+    if not (isinstance(value, list) and len(value) == k and all(isinstance(r, list) and len(r) == k for r in value)):
+        raise field_error(path, n, name, f"must be a {k} x {k} list of numbers (K = number of responses)")
+    if not all(isinstance(x, (int, float)) for r in value for x in r):
+        raise field_error(path, n, name, "must hold numbers only")
+    m = np.array(value, dtype=np.float64)
+    if not np.isfinite(m).all():
+        raise field_error(path, n, name, "holds NaN or infinity")
+    return m
+
+
 def cut_partial_line(path):
     """Cut what follows the last newline of `path`: the half-written line a kill leaves. Returns the bytes kept."""
     with open(path, "rb+") as f:

@@ -315,7 +315,7 @@ def _checked_constraints(path, out_rows, ref_rows, ids):
 
 # ---------------------------------------------------------------------------------------- plot
 
-def _report_paths(plot):
+def report_paths(plot):
     """Paths from a list or a comma-separated string; globs expanded, iter2 before iter10."""
     items = plot if isinstance(plot, (list, tuple)) else str(plot).strip("[]").split(",")
     paths = []
@@ -505,12 +505,12 @@ def main(outputs=None, references=None, oracle="pairrm", oracle_model=None, out=
         plot_out: where the plot PNG goes
     """
     if curves is not None:
-        paths = _report_paths(curves)
+        paths = report_paths(curves)
         plot_curves(paths, plot_out)
         print(f"plotted the training curves of {len(paths)} run(s) to {plot_out}")
         return
     if plot is not None:
-        paths = _report_paths(plot)
+        paths = report_paths(plot)
         reports = plot_reports(paths, plot_out)
         print(summary_table(paths, reports))
         print(f"plotted {len(paths)} reports to {plot_out}")

@@ -132,7 +132,8 @@ class RewardOracle(Oracle):
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.max_len = min(self.tokenizer.model_max_length, 8192)
 
-    def _ids(self, prompt, response):
+    def token_ids(self, prompt, response):
+        """The ids the reward model scores: the conversation prompt + response (its end kept when too long)."""
         if self.tokenizer.chat_template:
             turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
             text = self.tokenizer.apply_chat_template(turns, tokenize=False)
@@ -140,13 +141,14 @@ class RewardOracle(Oracle):
         return self.tokenizer(prompt, response, truncation=True, max_length=self.max_len)["input_ids"]
 
     @torch.no_grad()
-    def _rewards(self, batch):
+    def rewards(self, batch):
+        """The scalar reward of each id list in `batch`."""
         ids, mask = pad(batch, self.model.config.pad_token_id, self.device)
         return self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
 
     def pref(self, rows):
-        items = [self._ids(row["prompt"], y) for row in rows for y in row["responses"]]
-        rewards, out, at = in_batches(items, self.batch_size, self._rewards), [], 0
+        items = [self.token_ids(row["prompt"], y) for row in rows for y in row["responses"]]
+        rewards, out, at = in_batches(items, self.batch_size, self.rewards), [], 0
         for row in rows:
             r = rewards[at:at + len(row["responses"])]
             at += len(r)

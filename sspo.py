@@ -45,38 +45,61 @@ def win_rates(pref):
     return pref.mean(dim=-1)
 
 
+def latent_distance(h_chosen, h_rejected):
+    """|| h_w/|h_w| - h_l/|h_l| ||_2, the distance repulsion acts on   (METHOD.md §3.2).
+
+    h_chosen, h_rejected: (B, D) mean-pooled last hidden states of the responses -> (B,), in [0, 2].
+    """
+    return (F.normalize(h_chosen, dim=-1) - F.normalize(h_rejected, dim=-1)).norm(dim=-1)
+
+
 def repulsion_loss(h_chosen, h_rejected, margin):
-    """Representation calibration: L_rep = relu(margin - || h_w/|h_w| - h_l/|h_l| ||_2)   (METHOD.md §3.2).
+    """Representation calibration: L_rep = relu(margin - latent_distance(h_w, h_l))   (METHOD.md §3.2).
 
     h_chosen, h_rejected: (B, D) mean-pooled last hidden states of the responses -> (B,).
     """
-    distance = (F.normalize(h_chosen, dim=-1) - F.normalize(h_rejected, dim=-1)).norm(dim=-1)
-    return F.relu(margin - distance)
+    return F.relu(margin - latent_distance(h_chosen, h_rejected))
 
 
-def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-                    loss_type, beta, chosen_winrate=None, rejected_winrate=None):
-    """Per-pair loss of every loss type of METHOD.md §4. All inputs (B,) -> (B,).
+def preference_terms(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
+                     loss_type, beta, chosen_winrate=None, rejected_winrate=None):
+    """Per-pair loss of every loss type of METHOD.md §4, with what it is made of, by name. All (B,).
 
     *_logps are log-probs of the response tokens SUMMED over the response; ref = pi_t, the model the
     iteration started from. eta = 1/beta. chosen_winrate / rejected_winrate (B,) are P_hat of chosen and
-    rejected: calibrated ones for 'sspo', raw ones for 'sppo'; the other types do not use them.
-    The repulsion term of 'sspo' is added by the caller (repulsion_loss).
+    rejected: calibrated ones for 'sspo', raw ones for 'sppo'; the other losses do not use them.
+    Returns {"loss", "logratio_chosen": a(y_w), "logratio_rejected": a(y_l), "target_chosen",
+    "target_rejected"}: the targets are eta (P_hat - 1/2), what the SPPO losses regress a(y) onto
+    (sppo_hard: +-eta/2); dpo and ipo do not use them (given win rates, they are what SPPO would aim
+    at, else None). The repulsion term of 'sspo' is added by the caller (repulsion_loss).
     """
     a_w = policy_chosen_logps - ref_chosen_logps  # a(y) = log pi_theta(y|x) - log pi_t(y|x)   (§1)
     a_l = policy_rejected_logps - ref_rejected_logps
     eta = 1.0 / beta
+    given = chosen_winrate is not None and rejected_winrate is not None
+    t_w, t_l = (eta * (chosen_winrate - 0.5), eta * (rejected_winrate - 0.5)) if given else (None, None)
     if loss_type in ("sspo", "sppo"):  # (a_w - eta(P_hat_w - 1/2))^2 + (a_l - eta(P_hat_l - 1/2))^2
-        if chosen_winrate is None or rejected_winrate is None:
+        if not given:
             raise ValueError(f"loss_type={loss_type!r} needs chosen_winrate and rejected_winrate")
-        return (a_w - eta * (chosen_winrate - 0.5)) ** 2 + (a_l - eta * (rejected_winrate - 0.5)) ** 2
-    if loss_type == "sppo_hard":  # the same with P_hat_w = 1, P_hat_l = 0
-        return (a_w - eta / 2) ** 2 + (a_l + eta / 2) ** 2
-    if loss_type == "dpo":  # -log sigmoid(beta (a_w - a_l))
-        return -F.logsigmoid(beta * (a_w - a_l))
-    if loss_type == "ipo":  # (a_w - a_l - 1/(2 beta))^2
-        return (a_w - a_l - 1.0 / (2.0 * beta)) ** 2
-    raise ValueError(f"unknown loss_type {loss_type!r}: use one of sspo, sppo, sppo_hard, dpo, ipo")
+        loss = (a_w - t_w) ** 2 + (a_l - t_l) ** 2
+    elif loss_type == "sppo_hard":  # the same with P_hat_w = 1, P_hat_l = 0
+        loss = (a_w - eta / 2) ** 2 + (a_l + eta / 2) ** 2
+        t_w, t_l = torch.full_like(a_w, eta / 2), torch.full_like(a_l, -eta / 2)
+    elif loss_type == "dpo":  # -log sigmoid(beta (a_w - a_l))
+        loss = -F.logsigmoid(beta * (a_w - a_l))
+    elif loss_type == "ipo":  # (a_w - a_l - 1/(2 beta))^2
+        loss = (a_w - a_l - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}: use one of sspo, sppo, sppo_hard, dpo, ipo")
+    return dict(loss=loss, logratio_chosen=a_w, logratio_rejected=a_l, target_chosen=t_w, target_rejected=t_l)
+
+
+def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
+                    loss_type, beta, chosen_winrate=None, rejected_winrate=None):
+    """preference_terms(...)["loss"]: the per-pair loss (B,) alone."""
+    return preference_terms(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                            loss_type=loss_type, beta=beta, chosen_winrate=chosen_winrate,
+                            rejected_winrate=rejected_winrate)["loss"]
 
 # ======================================================================= end of the loss block
 
@@ -99,17 +122,8 @@ DONE_FILE = "summary.json"  # written last: its presence means the model in --ou
 # ================================================================================== the data
 
 def _matrix(path, n, row, name, k):
-    """row[name] as a float K x K tensor, or a one-line error naming file, line and field."""
-    value = row.get(name)
-    if not (isinstance(value, list) and len(value) == k and all(isinstance(r, list) and len(r) == k for r in value)):
-        raise field_error(path, n, name, f"must be a {k} x {k} list of numbers (K = number of responses)")
-    try:
-        m = torch.tensor(value, dtype=torch.float64)
-    except (TypeError, ValueError):
-        raise field_error(path, n, name, "must hold numbers only") from None
-    if not torch.isfinite(m).all():
-        raise field_error(path, n, name, "holds NaN or infinity")
-    return m
+    """row[name] as a float64 K x K tensor (common.matrix_field checks it)."""
+    return torch.from_numpy(common.matrix_field(path, n, row, name, k))
 
 
 def _check_pref(path, n, p):
@@ -447,26 +461,37 @@ def micro_batches(indices, parts):
 
 # ============================================================================== the training
 
-def _check_flags(loss, beta, tau_low, tau_high, rep_weight, rep_margin, lr, epochs, batch_size, grad_accum,
-                 max_length, save_every, warmup_ratio, max_grad_norm, optimizer, lr_schedule, mixed_precision):
+def check_flags(c):
+    """Every flag a user can get wrong, checked before a file is read or a model loaded (c: main's arguments)."""
+    number = lambda v: isinstance(v, (int, float))  # noqa: E731
+    integer = lambda v, low: isinstance(v, int) and v >= low  # noqa: E731
     checks = [
-        (loss in LOSS_TYPES, f"--loss must be one of {', '.join(LOSS_TYPES)}, got {loss!r}"),
-        (isinstance(beta, (int, float)) and beta > 0, f"--beta must be > 0 (eta = 1/beta), got {beta!r}"),
-        (isinstance(tau_low, (int, float)) and isinstance(tau_high, (int, float)) and tau_low < tau_high,
-         f"--tau_low must be below --tau_high, got {tau_low!r} >= {tau_high!r}"),
-        (rep_weight is None or isinstance(rep_weight, (int, float)) and rep_weight >= 0, f"--rep_weight must be >= 0, got {rep_weight!r}"),
-        (isinstance(rep_margin, (int, float)) and 0 <= rep_margin <= 2, f"--rep_margin must lie in [0, 2], got {rep_margin!r}"),
-        (isinstance(lr, (int, float)) and lr > 0, f"--lr must be > 0, got {lr!r}"),
-        (isinstance(epochs, int) and epochs >= 1, f"--epochs must be an integer >= 1, got {epochs!r}"),
-        (isinstance(batch_size, int) and batch_size >= 1, f"--batch_size must be an integer >= 1, got {batch_size!r}"),
-        (isinstance(grad_accum, int) and grad_accum >= 1, f"--grad_accum must be an integer >= 1, got {grad_accum!r}"),
-        (isinstance(max_length, int) and max_length >= 8, f"--max_length must be an integer >= 8, got {max_length!r}"),
-        (isinstance(save_every, int) and save_every >= 0, f"--save_every must be an integer >= 0, got {save_every!r}"),
-        (isinstance(warmup_ratio, (int, float)) and 0 <= warmup_ratio < 1, f"--warmup_ratio must lie in [0, 1), got {warmup_ratio!r}"),
-        (isinstance(max_grad_norm, (int, float)) and max_grad_norm >= 0, f"--max_grad_norm must be >= 0, got {max_grad_norm!r}"),
-        (optimizer in ("rmsprop", "adamw"), f"--optimizer must be rmsprop or adamw, got {optimizer!r}"),
-        (lr_schedule in ("linear", "cosine", "constant"), f"--lr_schedule must be linear, cosine or constant, got {lr_schedule!r}"),
-        (mixed_precision in (None, "no", "bf16", "fp16"), f"--mixed_precision must be no, bf16 or fp16, got {mixed_precision!r}"),
+        (c["loss"] in LOSS_TYPES, f"--loss must be one of {', '.join(LOSS_TYPES)}, got {c['loss']!r}"),
+        (number(c["beta"]) and c["beta"] > 0, f"--beta must be > 0 (eta = 1/beta), got {c['beta']!r}"),
+        (number(c["tau_low"]) and number(c["tau_high"]) and c["tau_low"] < c["tau_high"],
+         f"--tau_low must be below --tau_high, got {c['tau_low']!r} >= {c['tau_high']!r}"),
+        (c["rep_weight"] is None or number(c["rep_weight"]) and c["rep_weight"] >= 0,
+         f"--rep_weight must be >= 0, got {c['rep_weight']!r}"),
+        (number(c["rep_margin"]) and 0 <= c["rep_margin"] <= 2, f"--rep_margin must lie in [0, 2], got {c['rep_margin']!r}"),
+        (number(c["lr"]) and c["lr"] > 0, f"--lr must be > 0, got {c['lr']!r}"),
+        (integer(c["epochs"], 1), f"--epochs must be an integer >= 1, got {c['epochs']!r}"),
+        (integer(c["batch_size"], 1), f"--batch_size must be an integer >= 1, got {c['batch_size']!r}"),
+        (integer(c["grad_accum"], 1), f"--grad_accum must be an integer >= 1, got {c['grad_accum']!r}"),
+        (integer(c["max_length"], 8), f"--max_length must be an integer >= 8, got {c['max_length']!r}"),
+        (integer(c["save_every"], 0), f"--save_every must be an integer >= 0, got {c['save_every']!r}"),
+        (number(c["warmup_ratio"]) and 0 <= c["warmup_ratio"] < 1, f"--warmup_ratio must lie in [0, 1), got {c['warmup_ratio']!r}"),
+        (number(c["max_grad_norm"]) and c["max_grad_norm"] >= 0, f"--max_grad_norm must be >= 0, got {c['max_grad_norm']!r}"),
+        (c["optimizer"] in ("rmsprop", "adamw"), f"--optimizer must be rmsprop or adamw, got {c['optimizer']!r}"),
+        (c["lr_schedule"] in ("linear", "cosine", "constant"),
+         f"--lr_schedule must be linear, cosine or constant, got {c['lr_schedule']!r}"),
+        (c["mixed_precision"] in (None, "no", "bf16", "fp16"),
+         f"--mixed_precision must be no, bf16 or fp16, got {c['mixed_precision']!r}"),
+        (integer(c["logits_chunk"], 1), f"--logits_chunk must be an integer >= 1, got {c['logits_chunk']!r}"),
+        (integer(c["lora_r"], 0), f"--lora_r must be an integer >= 0 (0: full fine-tuning), got {c['lora_r']!r}"),
+        (c["share_prompt"] in (None, True, False),
+         f"--share_prompt must be True, False or left out (auto), got {c['share_prompt']!r}"),
+        (c["report_to"] in ("none", "tensorboard", "wandb"),
+         f"--report_to must be none, tensorboard or wandb, got {c['report_to']!r}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -483,7 +508,7 @@ def _check_flags(loss, beta, tau_low, tau_high, rep_weight, rep_margin, lr, epoc
 # and the next save removes what is not trusted before it renames, so it never meets a folder in its way,
 # and deletes a complete folder only while a newer complete one exists.
 
-def _checkpoint_step(path):
+def checkpoint_step(path):
     """The step of a complete checkpoint folder, else None."""
     try:
         with open(os.path.join(path, "step.json")) as f:
@@ -493,11 +518,11 @@ def _checkpoint_step(path):
     return step if isinstance(step, int) else None
 
 
-def _find_checkpoint(output_dir):
+def find_checkpoint(output_dir):
     """The newest complete checkpoint folder, or None (see the rotation above)."""
     for name in (CHECKPOINT, CHECKPOINT + ".old"):
         path = os.path.join(output_dir, name)
-        if _checkpoint_step(path) is not None:
+        if checkpoint_step(path) is not None:
             return path
     return None
 
@@ -518,7 +543,7 @@ def _saving(path, remove=False):
         raise UserError(f"{path}: cannot write ({why}; {free / 2 ** 30:.1f} GiB free on its disk)") from None
 
 
-def _atomic_save_checkpoint(accelerator, output_dir, step):
+def save_checkpoint(accelerator, output_dir, step):
     """accelerate's state (model, optimizer, RNGs) plus the step, swapped in by renames: never half written."""
     final, tmp, old = (os.path.join(output_dir, CHECKPOINT + s) for s in ("", ".tmp", ".old"))
     if accelerator.is_main_process and os.path.exists(tmp):
@@ -530,7 +555,7 @@ def _atomic_save_checkpoint(accelerator, output_dir, step):
             with open(os.path.join(tmp, "step.json"), "w") as f:
                 json.dump({"step": step}, f)
     if accelerator.is_main_process:
-        if _checkpoint_step(final) is not None:  # .old is redundant now: remove it, then keep final as .old
+        if checkpoint_step(final) is not None:  # .old is redundant now: remove it, then keep final as .old
             if os.path.exists(old):
                 shutil.rmtree(old)
             os.replace(final, old)
@@ -541,10 +566,248 @@ def _atomic_save_checkpoint(accelerator, output_dir, step):
     accelerator.wait_for_everyone()
 
 
-def _remove_checkpoints(output_dir):
+def remove_checkpoints(output_dir):
     """Remove every checkpoint folder; called once summary.json exists, so no order of removal can mislead a resume."""
     for name in (CHECKPOINT, CHECKPOINT + ".old", CHECKPOINT + ".tmp"):
         shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
+# ========================================================================== the named steps
+# main() calls these in order. Those that take the accelerator run on every process (they may
+# wait_for_everyone or reduce); the rest do the main process's part alone where they say so.
+
+def finished(output_dir, resume, keep_checkpoint):
+    """True when output_dir holds a finished model and --resume asks for nothing more; an error when a
+    finished or an unfinished run is in the way of a new one."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UserError(f"{output_dir}: --output_dir is a file, not a folder")
+    if os.path.exists(os.path.join(output_dir, DONE_FILE)):
+        if resume:
+            if not keep_checkpoint:  # what a kill right after summary.json left
+                remove_checkpoints(output_dir)
+            print(f"{output_dir}: already complete ({DONE_FILE} exists); nothing to do")
+            return True
+        raise UserError(f"{output_dir} already holds a finished model: choose another --output_dir")
+    if not resume and (find_checkpoint(output_dir) or os.path.exists(os.path.join(output_dir, "metrics.jsonl"))):
+        raise UserError(f"{output_dir} holds an unfinished run: add --resume to continue it, or choose another --output_dir")
+    return False
+
+
+def open_run_dir(output_dir, resume, config):
+    """The config of the run being resumed ({} for a new run), once the command is checked to be the same."""
+    saved = os.path.join(output_dir, "run_config.json")
+    if not (resume and os.path.exists(saved)):
+        return {}
+    before = common.read_json(saved)
+    changed = [k for k in config if k != "resume" and k in before and before[k] != config[k]]
+    if changed:
+        raise UserError(f"--resume needs the same command: {', '.join(f'--{k} was {before[k]!r}, now {config[k]!r}' for k in changed)}")
+    return before
+
+
+def make_accelerator(mixed_precision, output_dir, grad_accum, report_to):
+    # Several processes and no CUDA (torchrun on CPU): accelerate uses gloo only when told cpu=True.
+    from accelerate import Accelerator
+
+    cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu_processes, project_dir=output_dir,
+                       gradient_accumulation_steps=grad_accum, log_with=None if report_to == "none" else report_to)
+
+
+def load_policy(model, accelerator, gradient_checkpointing, attn_implementation, lora):
+    """pi_theta as loaded (it is also pi_t: the reference is its log-probs before the first update) and its tokenizer.
+
+    lora: dict(r, alpha, dropout, target_modules); r = 0 trains every weight.
+    """
+    # Full fine-tuning keeps fp32 weights (bf16 weights would swallow lr-5e-7 updates; autocast gives the
+    # bf16 speed); a frozen LoRA base may stay in the half precision it computes in.
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    policy, tokenizer = common.load_causal_lm(model, dtype=half if lora["r"] and half else torch.float32,
+                                              attn_implementation=attn_implementation)
+    policy.config.use_cache = False
+    disable_dropout(policy)
+    if gradient_checkpointing:
+        enable_checkpointing(policy)
+    if lora["r"]:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise UserError("--lora_r needs peft: pip install peft") from None
+        targets = lora["target_modules"]
+        if isinstance(targets, str) and targets != "all-linear":
+            targets = [m.strip() for m in targets.split(",") if m.strip()]
+        elif isinstance(targets, (list, tuple)):
+            targets = [str(m) for m in targets]
+        policy = get_peft_model(policy, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                                                   target_modules=targets, task_type="CAUSAL_LM"))
+    return policy, tokenizer
+
+
+def make_optimizer(scorer, optimizer, lr, weight_decay):
+    params = [p for p in scorer.parameters() if p.requires_grad]
+    return (torch.optim.RMSprop if optimizer == "rmsprop" else torch.optim.AdamW)(params, lr=lr, weight_decay=weight_decay)
+
+
+def choose_prompt_layout(accelerator, scorer, config, examples, pad_id, share_prompt, max_length, before):
+    """Whether each pair's prompt is computed once (one row prompt+chosen+rejected, a 4-D mask): asked for
+    (--share_prompt True: must work), refused (False), kept from the run being resumed (its steps were cut
+    by it), or by default wherever the attention takes the mask; confirmed on two short pairs against
+    separate rows (check_scorer), which also checks the response-only LM head."""
+    if share_prompt and not common.takes_4d_mask(config, max_length):
+        raise UserError(f"--share_prompt True: this model's attention ({config._attn_implementation!r}, sliding window "
+                        f"{getattr(config, 'sliding_window', None)}) cannot take sspo.py's 4-D mask at --max_length "
+                        f"{max_length}; leave the flag out")
+    if "share_prompt_used" in before:
+        wanted, must = before["share_prompt_used"], True
+    elif share_prompt is None:
+        wanted, must = common.takes_4d_mask(config, max_length), False
+    else:
+        wanted, must = share_prompt, True
+    with accelerator.autocast():
+        shortest = sorted(examples, key=lambda e: len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]))[:2]
+        return check_scorer(scorer, shortest, pad_id, accelerator.device, config.model_type,  # full logits: keep them small
+                            wanted, strict=must, low_precision=accelerator.mixed_precision != "no")
+
+
+def plan_steps(examples, share, global_batch, seed, epochs, group_by_length):
+    """(steps, lengths): the pair indices of every optimizer step, and each pair's row length in its layout."""
+    lengths = [len(e["prompt_ids"]) + (len(e["chosen_ids"]) + len(e["rejected_ids"]) if share else
+                                       max(len(e["chosen_ids"]), len(e["rejected_ids"]))) for e in examples]
+    return step_batches(lengths, global_batch, seed, epochs, group_by_length), lengths
+
+
+def pair_tokens(example):
+    """Tokens of a pair as if chosen and rejected ran apart (the prompt counted twice): the unit of tokens/s."""
+    return 2 * len(example["prompt_ids"]) + len(example["chosen_ids"]) + len(example["rejected_ids"])
+
+
+def reference_logps(accelerator, scorer, examples, lengths, pad_id, share, batch_size, ref_path, checkpoint, data,
+                    base_only=contextlib.nullcontext):
+    """(pairs, 2) log-probs of chosen and rejected under pi_t, the model before its first update: computed
+    once and kept in ref_path, so a resumed run (whose weights have moved) reads them back. No second copy
+    of the model is kept. base_only: a context that turns a LoRA adapter off."""
+    from tqdm.auto import tqdm
+
+    if checkpoint and os.path.exists(ref_path):
+        try:
+            ref = torch.load(ref_path)
+        except Exception as e:  # noqa: BLE001  (torch raises many kinds for a damaged file)
+            raise UserError(f"{ref_path}: cannot read ({str(e).strip().splitlines()[0]}); "
+                            "the reference of this run is lost, start a new run") from None
+        if len(ref) != len(examples):
+            raise UserError(f"{ref_path} holds {len(ref)} pairs but {data} now gives {len(examples)}: the data changed")
+        return ref
+    if checkpoint:
+        raise UserError(f"{os.path.dirname(ref_path)}: a checkpoint but no ref_logps.pt; the reference of this run is lost, start a new run")
+    world, device = accelerator.num_processes, accelerator.device
+    ref = torch.zeros(len(examples), 2)
+    # longest first, twice the training batch (no activations are kept): little padding, few calls;
+    # the same number of rounds on every process, since engines may talk inside each forward
+    mine = sorted(range(accelerator.process_index, len(examples), world), key=lambda i: -lengths[i])
+    size = 2 * batch_size
+    rounds = math.ceil(math.ceil(len(examples) / world) / size)
+    with torch.no_grad(), accelerator.autocast(), base_only():
+        for r in tqdm(range(rounds), desc="reference log-probs", disable=not accelerator.is_main_process):
+            idx = mine[r * size:(r + 1) * size]
+            logps, _ = scorer(**{k: v.to(device) for k, v in collate([examples[i] for i in idx or [0]], pad_id, share).items()})
+            if idx:
+                ref[idx] = logps.view(2, -1).T.cpu()
+    ref = accelerator.reduce(ref.to(device), reduction="sum").cpu()  # each row was filled by one process
+    if accelerator.is_main_process:
+        with _saving(ref_path + ".tmp"):
+            torch.save(ref, ref_path + ".tmp")
+        os.replace(ref_path + ".tmp", ref_path)
+    return ref
+
+
+def restore_checkpoint(accelerator, checkpoint, metrics_path):
+    """The optimizer step to start at: the checkpoint's (model, optimizer and RNG states loaded, and
+    metrics.jsonl cut back to its steps), or 0 with no old steps kept."""
+    if not checkpoint:
+        if accelerator.is_main_process and os.path.exists(metrics_path):
+            os.remove(metrics_path)
+        return 0
+    accelerator.load_state(checkpoint)
+    start = checkpoint_step(checkpoint)
+    if accelerator.is_main_process and os.path.exists(metrics_path):  # drop a half-written line and the later steps
+        common.cut_partial_line(metrics_path)
+        kept = [row for _, row in common.read_jsonl(metrics_path) if row.get("step", 0) <= start]
+        common.atomic_write_text(metrics_path, "".join(json.dumps(row) + "\n" for row in kept))
+    return start
+
+
+def micro_step(accelerator, scorer, examples, idx, ref, pad_id, share, n_step, *, loss, beta, rep_weight,
+               rep_margin, counted=1.0):
+    """Forward and backward of the micro-batch examples[idx], whose gradient adds to the step's; returns its
+    sums of the logged metrics, by name. n_step: the pairs of the whole optimizer step. counted = 0: a
+    process with no pair left joins the backward with one pair that adds nothing."""
+    device = accelerator.device
+    batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id, share).items()}
+    b = len(idx)
+    with accelerator.accumulate(scorer):  # syncs gradients (DeepSpeed: steps) on the last micro-step only
+        with accelerator.autocast():
+            logps, pooled = scorer(**batch)
+        terms = preference_terms(logps[:b], logps[b:], ref[idx, 0].to(device), ref[idx, 1].to(device), loss_type=loss,
+                                 beta=beta, chosen_winrate=torch.tensor([examples[i]["chosen_winrate"] for i in idx], device=device),
+                                 rejected_winrate=torch.tensor([examples[i]["rejected_winrate"] for i in idx], device=device))
+        distance = latent_distance(pooled[:b], pooled[b:])
+        rep = F.relu(rep_margin - distance)  # repulsion_loss(pooled[:b], pooled[b:], rep_margin), its distance kept
+        per_pair = terms["loss"] + rep_weight * rep
+        # sum / n_step, times the processes because DDP averages over them and times grad_accum because
+        # accelerate divides by it: the step's loss is the exact mean over its pairs however they are
+        # split across processes and micro-steps.
+        accelerator.backward(per_pair.sum() * counted * accelerator.num_processes * accelerator.gradient_accumulation_steps / n_step)
+    gate = torch.tensor([examples[i]["gate"] for i in idx], device=device)
+    with torch.no_grad():
+        return {name: counted * value.sum() for name, value in (
+            ("loss", per_pair), ("loss_pref", terms["loss"]), ("loss_rep", rep), ("logratio_chosen", terms["logratio_chosen"]),
+            ("logratio_rejected", terms["logratio_rejected"]), ("target_chosen", terms["target_chosen"]),
+            ("target_rejected", terms["target_rejected"]), ("gate_mean", gate), ("latent_dist", distance))}
+
+
+def optimizer_step(accelerator, scorer, opt, examples, ref, indices, pad_id, share, max_grad_norm, **loss_args):
+    """One optimizer step over the pairs `indices`, split across processes and micro-steps; returns
+    (metrics: the means over its pairs by name, tokens of its pairs, gradient norm before clipping)."""
+    world, accum = accelerator.num_processes, accelerator.gradient_accumulation_steps
+    parts = micro_batches(indices, world * accum)
+    sums, tokens = {}, 0.0
+    for micro in range(accum):
+        idx, counted = parts[micro * world + accelerator.process_index], 1.0
+        if not idx:  # every process must join each backward; this one adds nothing
+            idx, counted = indices[:1], 0.0
+        for name, value in micro_step(accelerator, scorer, examples, idx, ref, pad_id, share, len(indices),
+                                      counted=counted, **loss_args).items():
+            sums[name] = sums.get(name, 0.0) + value
+        tokens += sum(pair_tokens(examples[i]) for i in idx) * counted
+    grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    means = accelerator.reduce(torch.stack(list(sums.values())), reduction="sum") / len(indices)
+    tokens = accelerator.reduce(torch.as_tensor(tokens, device=accelerator.device, dtype=torch.float32), reduction="sum")
+    return dict(zip(sums, means.tolist())), float(tokens), grad_norm
+
+
+def save_final_model(accelerator, scorer, tokenizer, output_dir, model, lora_r, merge):
+    """The trained model, gathered from every engine's shards and saved by the main process as safetensors
+    (with LoRA: peft's adapter format, and with merge the merged model beside it)."""
+    state = accelerator.get_state_dict(scorer)
+    if not accelerator.is_main_process:
+        return
+    final = accelerator.unwrap_model(scorer).model
+    final.config.use_cache = True
+    state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    with _saving(output_dir):  # no summary.json then: --resume redoes the steps since the last checkpoint
+        if lora_r:  # peft's own format (adapter_config.json + adapter_model.safetensors), from the gathered state
+            adapter_dir = os.path.join(output_dir, "adapter") if merge else output_dir
+            final.save_pretrained(adapter_dir, state_dict=state)
+            if merge:  # onto a fresh fp32 copy of the base: the trained one may be sharded or half precision
+                from peft import PeftModel
+
+                base, _ = common.load_causal_lm(model, dtype=torch.float32)
+                PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().save_pretrained(output_dir)
+        else:
+            final.save_pretrained(output_dir, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(output_dir)
 
 
 def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo", beta=1e-3,
@@ -594,147 +857,44 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
       share_prompt: compute each pair's prompt once (one row prompt+chosen+rejected, a 4-D attention mask); None: when the attention takes such a mask, confirmed at start against separate rows
     """
     config = {k: v for k, v in locals().items()}
-    _check_flags(loss, beta, tau_low, tau_high, rep_weight, rep_margin, lr, epochs, batch_size, grad_accum,
-                 max_length, save_every, warmup_ratio, max_grad_norm, optimizer, lr_schedule, mixed_precision)
-    if not isinstance(logits_chunk, int) or logits_chunk < 1:
-        raise UserError(f"--logits_chunk must be an integer >= 1, got {logits_chunk!r}")
-    if not isinstance(lora_r, int) or lora_r < 0:
-        raise UserError(f"--lora_r must be an integer >= 0 (0: full fine-tuning), got {lora_r!r}")
-    if share_prompt not in (None, True, False):
-        raise UserError(f"--share_prompt must be True, False or left out (auto), got {share_prompt!r}")
-    if report_to not in ("none", "tensorboard", "wandb"):
-        raise UserError(f"--report_to must be none, tensorboard or wandb, got {report_to!r}")
-    if isinstance(lora_target_modules, str) and lora_target_modules != "all-linear":
-        lora_target_modules = [m.strip() for m in lora_target_modules.split(",") if m.strip()]
-    elif isinstance(lora_target_modules, (list, tuple)):
-        lora_target_modules = [str(m) for m in lora_target_modules]
+    check_flags(config)
     output_dir = str(output_dir)
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise UserError(f"{output_dir}: --output_dir is a file, not a folder")
-    done = os.path.join(output_dir, DONE_FILE)
-    if os.path.exists(done):
-        if resume:
-            if not keep_checkpoint:  # what a kill right after summary.json left
-                _remove_checkpoints(output_dir)
-            print(f"{output_dir}: already complete ({DONE_FILE} exists); nothing to do")
-            return
-        raise UserError(f"{output_dir} already holds a finished model: choose another --output_dir")
-    if not resume and (_find_checkpoint(output_dir) or os.path.exists(os.path.join(output_dir, "metrics.jsonl"))):
-        raise UserError(f"{output_dir} holds an unfinished run: add --resume to continue it, or choose another --output_dir")
-    saved, before = os.path.join(output_dir, "run_config.json"), {}
-    if resume and os.path.exists(saved):
-        before = common.read_json(saved)
-        changed = [k for k in config if k != "resume" and k in before and before[k] != config[k]]
-        if changed:
-            raise UserError(f"--resume needs the same command: {', '.join(f'--{k} was {before[k]!r}, now {config[k]!r}' for k in changed)}")
+    if finished(output_dir, resume, keep_checkpoint):
+        return
+    before = open_run_dir(output_dir, resume, config)
     if rep_weight is None:  # the regression's gradient grows with eta, repulsion's does not (bench/rep_scale.py)
         rep_weight = 5.0 / beta
     rep_weight = rep_weight if loss == "sspo" else 0.0  # repulsion belongs to sspo alone (§4)
-
     # Everything a user can get wrong is checked before a model is loaded or a file written.
     pairs, stats = load_pairs(str(data), loss, tau_low, tau_high)
 
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    # Several processes and no CUDA (torchrun on CPU): accelerate uses gloo only when told cpu=True.
-    cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu_processes, project_dir=output_dir,
-                              gradient_accumulation_steps=grad_accum, log_with=None if report_to == "none" else report_to)
+    accelerator = make_accelerator(mixed_precision, output_dir, grad_accum, report_to)
     main_process, world = accelerator.is_main_process, accelerator.num_processes
     set_seed(seed)
-    # Full fine-tuning keeps fp32 weights (bf16 weights would swallow lr-5e-7 updates; autocast gives the
-    # bf16 speed); a frozen LoRA base may stay in the half precision it computes in.
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
-    policy, tokenizer = common.load_causal_lm(model, dtype=half if lora_r and half else torch.float32,
-                                              attn_implementation=attn_implementation)
+    policy, tokenizer = load_policy(model, accelerator, gradient_checkpointing, attn_implementation,
+                                    dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=lora_target_modules))
     examples, stats["truncated"] = tokenize_pairs(pairs, tokenizer, max_length)
     pad_id = tokenizer.pad_token_id
-    policy.config.use_cache = False
-    disable_dropout(policy)
-    if gradient_checkpointing:
-        enable_checkpointing(policy)
-    if lora_r:
-        try:
-            from peft import LoraConfig, get_peft_model
-        except ImportError:
-            raise UserError("--lora_r needs peft: pip install peft") from None
-        policy = get_peft_model(policy, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                                   target_modules=lora_target_modules, task_type="CAUSAL_LM"))
     scorer = SequenceScorer(policy, chunk=logits_chunk)
-
-    params = [p for p in scorer.parameters() if p.requires_grad]
-    opt_cls = torch.optim.RMSprop if optimizer == "rmsprop" else torch.optim.AdamW
-    opt = opt_cls(params, lr=lr, weight_decay=weight_decay)
-    scorer, opt = accelerator.prepare(scorer, opt)
-    device = accelerator.device
-    if share_prompt and not common.takes_4d_mask(policy.config, max_length):
-        raise UserError(f"--share_prompt True: this model's attention ({policy.config._attn_implementation!r}, sliding window "
-                        f"{getattr(policy.config, 'sliding_window', None)}) cannot take sspo.py's 4-D mask at --max_length "
-                        f"{max_length}; leave the flag out")
-    wanted, strict = (common.takes_4d_mask(policy.config, max_length), False) if share_prompt is None else (share_prompt, True)
-    if "share_prompt_used" in before:  # a resumed run keeps its layout: its steps were cut by it
-        wanted, strict = before["share_prompt_used"], True
-    with accelerator.autocast():
-        shortest = sorted(examples, key=lambda e: len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]))[:2]
-        share = check_scorer(scorer, shortest, pad_id, device, policy.config.model_type,  # full logits: keep them small
-                             wanted, strict=strict, low_precision=accelerator.mixed_precision != "no")
-    stats["share_prompt_used"] = share
-
+    scorer, opt = accelerator.prepare(scorer, make_optimizer(scorer, optimizer, lr, weight_decay))
+    share = stats["share_prompt_used"] = choose_prompt_layout(accelerator, scorer, policy.config, examples, pad_id,
+                                                              share_prompt, max_length, before)
     global_batch = batch_size * grad_accum * world
-    lengths = [len(e["prompt_ids"]) + (len(e["chosen_ids"]) + len(e["rejected_ids"]) if share else
-                                       max(len(e["chosen_ids"]), len(e["rejected_ids"]))) for e in examples]
-    pair_tokens = [2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples]  # as if apart
-    steps = step_batches(lengths, global_batch, seed, epochs, group_by_length)
+    steps, lengths = plan_steps(examples, share, global_batch, seed, epochs, group_by_length)
     total, warmup = len(steps), math.ceil(warmup_ratio * len(steps))
 
-    # pi_t: log-probs of the model before its first update, computed once and kept on disk, so a
-    # resumed run (whose weights have moved) reuses them. No second copy of the model is kept.
     if main_process:
         os.makedirs(output_dir, exist_ok=True)
     accelerator.wait_for_everyone()
-    ref_path = os.path.join(output_dir, "ref_logps.pt")
-    checkpoint = _find_checkpoint(output_dir) if resume else None
-    if checkpoint and os.path.exists(ref_path):
-        try:
-            ref = torch.load(ref_path)
-        except Exception as e:  # noqa: BLE001  (torch raises many kinds for a damaged file)
-            raise UserError(f"{ref_path}: cannot read ({str(e).strip().splitlines()[0]}); "
-                            "the reference of this run is lost, start a new run") from None
-        if len(ref) != len(examples):
-            raise UserError(f"{ref_path} holds {len(ref)} pairs but {data} now gives {len(examples)}: the data changed")
-    else:
-        if checkpoint:
-            raise UserError(f"{output_dir}: a checkpoint but no ref_logps.pt; the reference of this run is lost, start a new run")
-        ref = torch.zeros(len(examples), 2)
-        # longest first, twice the training batch (no activations are kept): little padding, few calls;
-        # the same number of rounds on every process, since engines may talk inside each forward
-        mine = sorted(range(accelerator.process_index, len(examples), world), key=lambda i: -lengths[i])
-        size = 2 * batch_size
-        rounds = math.ceil(math.ceil(len(examples) / world) / size)
-        base_only = accelerator.unwrap_model(scorer).model.disable_adapter() if lora_r else contextlib.nullcontext()
-        with torch.no_grad(), accelerator.autocast(), base_only:
-            for r in tqdm(range(rounds), desc="reference log-probs", disable=not main_process):
-                idx = mine[r * size:(r + 1) * size]
-                logps, _ = scorer(**{k: v.to(device) for k, v in collate([examples[i] for i in idx or [0]], pad_id, share).items()})
-                if idx:
-                    ref[idx] = logps.view(2, -1).T.cpu()
-        ref = accelerator.reduce(ref.to(device), reduction="sum").cpu()  # each row was filled by one process
-        if main_process:
-            with _saving(ref_path + ".tmp"):
-                torch.save(ref, ref_path + ".tmp")
-            os.replace(ref_path + ".tmp", ref_path)
-
+    checkpoint = find_checkpoint(output_dir) if resume else None
+    base_only = accelerator.unwrap_model(scorer).model.disable_adapter if lora_r else contextlib.nullcontext
+    ref = reference_logps(accelerator, scorer, examples, lengths, pad_id, share, batch_size,
+                          os.path.join(output_dir, "ref_logps.pt"), checkpoint, data, base_only)
     metrics_path = os.path.join(output_dir, "metrics.jsonl")
-    start = 0
-    if checkpoint:
-        accelerator.load_state(checkpoint)
-        start = _checkpoint_step(checkpoint)
-        if main_process and os.path.exists(metrics_path):  # drop a half-written line and the steps after the checkpoint
-            common.cut_partial_line(metrics_path)
-            kept = [row for _, row in common.read_jsonl(metrics_path) if row.get("step", 0) <= start]
-            common.atomic_write_text(metrics_path, "".join(json.dumps(row) + "\n" for row in kept))
+    start = restore_checkpoint(accelerator, checkpoint, metrics_path)
     if report_to != "none":
         accelerator.init_trackers("sspo", config={k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))})
     if main_process:
@@ -744,94 +904,37 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
               f"{'yes' if share else 'no'}); {total} optimizer steps of "
               f"{global_batch} pairs on {world} process(es); starting at step {start}")
 
-    if main_process and not checkpoint and os.path.exists(metrics_path):
-        os.remove(metrics_path)  # a fresh start keeps no old steps
     log = common.JsonlAppender(metrics_path, id_field="step") if main_process else None
     bar = tqdm(total=total, initial=start, desc=f"{loss} training", disable=not main_process)
-    eta = 1.0 / beta
     for step in range(start, total):
         t0 = time.time()
         lr_now = lr_at(step, total, warmup, lr, lr_schedule)
         for group in opt.param_groups:
             group["lr"] = lr_now
-        chunks = micro_batches(steps[step], world * grad_accum)
-        n_step = len(steps[step])
-        sums, tokens = torch.zeros(9, device=device), 0.0  # summed over the step's pairs; see `names` below
-        for a in range(grad_accum):
-            idx = chunks[a * world + accelerator.process_index]
-            weight = 1.0
-            if not idx:  # every process must join each backward; this one adds nothing
-                idx, weight = steps[step][:1], 0.0
-            batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id, share).items()}
-            with accelerator.accumulate(scorer):  # syncs gradients (DeepSpeed: steps) on the last micro-step only
-                with accelerator.autocast():
-                    logps, pooled = scorer(**batch)
-                b = len(idx)
-                ref_w, ref_l = ref[idx, 0].to(device), ref[idx, 1].to(device)
-                win_w = torch.tensor([examples[i]["chosen_winrate"] for i in idx], device=device)
-                win_l = torch.tensor([examples[i]["rejected_winrate"] for i in idx], device=device)
-                pref_loss = preference_loss(logps[:b], logps[b:], ref_w, ref_l, loss_type=loss, beta=beta,
-                                            chosen_winrate=win_w, rejected_winrate=win_l)
-                rep = repulsion_loss(pooled[:b], pooled[b:], rep_margin)
-                per_pair = pref_loss + rep_weight * rep
-                # sum / n_step, times `world` because DDP averages over processes and times grad_accum
-                # because accelerate divides by it: the step's loss is the exact mean over its pairs
-                # however they are split across processes and micro-steps.
-                accelerator.backward(per_pair.sum() * weight * world * grad_accum / n_step)
-            with torch.no_grad():
-                a_w, a_l = logps[:b] - ref_w, logps[b:] - ref_l
-                if loss == "sppo_hard":
-                    win_w, win_l = torch.ones_like(win_w), torch.zeros_like(win_l)
-                gate = torch.tensor([examples[i]["gate"] for i in idx], device=device)
-                dist = (F.normalize(pooled[:b], dim=-1) - F.normalize(pooled[b:], dim=-1)).norm(dim=-1)
-                sums += weight * torch.stack([per_pair.sum(), pref_loss.sum(), rep.sum(), a_w.sum(), a_l.sum(),
-                                              eta * (win_w - 0.5).sum(), eta * (win_l - 0.5).sum(), gate.sum(), dist.sum()])
-                tokens += sum(pair_tokens[i] for i in idx) * weight
-        grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sums = accelerator.reduce(sums, reduction="sum") / n_step
-        tokens = accelerator.reduce(torch.as_tensor(tokens, device=device, dtype=torch.float32), reduction="sum")
+        metrics, tokens, grad_norm = optimizer_step(accelerator, scorer, opt, examples, ref, steps[step], pad_id, share,
+                                                    max_grad_norm, loss=loss, beta=beta, rep_weight=rep_weight,
+                                                    rep_margin=rep_margin)
         if main_process:
-            names = ["loss", "loss_pref", "loss_rep", "logratio_chosen", "logratio_rejected",
-                     "target_chosen", "target_rejected", "gate_mean", "latent_dist"]
-            record = {"step": step + 1, "epoch": round((step + 1) / (total / epochs), 4),
-                      **{k: float(v) for k, v in zip(names, sums)},
-                      "grad_norm": float("nan") if grad_norm is None else float(grad_norm), "lr": lr_now, "pairs": n_step,
-                      "tokens_per_s": float(tokens) / (time.time() - t0)}
+            record = {"step": step + 1, "epoch": round((step + 1) / (total / epochs), 4), **metrics,
+                      "grad_norm": float("nan") if grad_norm is None else float(grad_norm), "lr": lr_now,
+                      "pairs": len(steps[step]), "tokens_per_s": tokens / (time.time() - t0)}
             log.write(record)
             accelerator.log(record, step=step + 1)
             bar.set_postfix(loss=f"{record['loss']:.4g}", a_w=f"{record['logratio_chosen']:.3g}",
                             a_l=f"{record['logratio_rejected']:.3g}")
         bar.update(1)
         if save_every and (step + 1) % save_every == 0 and step + 1 < total:
-            _atomic_save_checkpoint(accelerator, output_dir, step + 1)
+            save_checkpoint(accelerator, output_dir, step + 1)
     bar.close()
 
-    # The final model: gathered from every engine's shards, saved by the main process as safetensors.
     accelerator.wait_for_everyone()
-    state = accelerator.get_state_dict(scorer)
     if main_process:
         log.close()
-        final = accelerator.unwrap_model(scorer).model
-        final.config.use_cache = True
-        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-        with _saving(output_dir):  # no summary.json then: --resume redoes the steps since the last checkpoint
-            if lora_r:  # peft's own format (adapter_config.json + adapter_model.safetensors), from the gathered state
-                adapter_dir = os.path.join(output_dir, "adapter") if merge else output_dir
-                final.save_pretrained(adapter_dir, state_dict=state)
-                if merge:  # onto a fresh fp32 copy of the base: the trained one may be sharded or half precision
-                    from peft import PeftModel
-
-                    base, _ = common.load_causal_lm(model, dtype=torch.float32)
-                    PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().save_pretrained(output_dir)
-            else:
-                final.save_pretrained(output_dir, state_dict=state, safe_serialization=True)
-            tokenizer.save_pretrained(output_dir)
-        summary = dict(stats, steps=total, model=model, data=str(data), loss=loss)
-        common.atomic_write_json(done, summary)
+    save_final_model(accelerator, scorer, tokenizer, output_dir, model, lora_r, merge)
+    if main_process:
+        common.atomic_write_json(os.path.join(output_dir, DONE_FILE), dict(stats, steps=total, model=model, data=str(data), loss=loss))
         if not keep_checkpoint:  # only now: a kill before summary.json resumes from a checkpoint left whole
-            _remove_checkpoints(output_dir)
+            remove_checkpoints(output_dir)
         print(f"saved {output_dir} ({total} steps; metrics in {metrics_path})")
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -24,8 +24,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import generate  # noqa: E402
 import oracle  # noqa: E402
 from common import cli  # noqa: E402
-from conftest import WORDS, make_tokenizer  # noqa: E402  (the tests' tiny tokenizers)
-from test_oracle import pairrm_tokenizer  # noqa: E402
+from tiny import WORDS, make_tokenizer, pairrm_tokenizer  # noqa: E402  (tests/tiny.py: the tests' tiny builders)
 
 
 def text(rng, lo, hi):

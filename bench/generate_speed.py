@@ -31,7 +31,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
+import flops  # noqa: E402
+
 MD_BEGIN, MD_END = "<!-- generate_speed:begin -->", "<!-- generate_speed:end -->"
 
 
@@ -75,29 +77,15 @@ def plain(model, prompts, out, k, max_new_tokens, temperature=0.7, top_p=0.9, se
 
 
 def matmul_rate():
-    """GFLOP/s of torch.mm 2048 x 2048 fp32 on this process's threads, best of 5."""
-    import torch
-
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(5))
-    return 2 * 2048 ** 3 / best / 1e9
-
-
-def _timed(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    """GFLOP/s of torch.mm 2048 x 2048 fp32 on this process's threads, best of 5 rounds."""
+    return flops.matmul_rate() / 1e9
 
 
 def matmul_weights(model):
-    """N: weights in the matmuls of one token's forward (every nn.Linear, the LM head included)."""
-    import torch
-
+    """N: weights in the matmuls of one token's forward (every linear layer, the LM head included)."""
     from common import load_causal_lm
 
-    lm, _ = load_causal_lm(model)
-    return sum(m.weight.numel() for m in lm.modules() if isinstance(m, torch.nn.Linear))
+    return flops.matmul_params(load_causal_lm(model)[0])
 
 
 def read_outputs(path):

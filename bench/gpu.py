@@ -1,14 +1,15 @@
 """sspo.py's training step and generate.py's sampling on one GPU: tokens/s, MFU, peak memory.
 
-One prepared script for a single short GPU lease; it needs nothing but torch and transformers and
+One prepared script for a single short GPU lease; it needs nothing but torch, transformers and accelerate, and
 makes everything itself (a random-weight Llama-3.2-1B-shape model, synthetic token ids, a word-level
-tokenizer with a ChatML template), so nothing is downloaded and nothing big travels.
+tokenizer with a ChatML template; tests/tiny.py's builders), so nothing is downloaded and nothing big travels.
 
     python bench/gpu.py                 # GPU: ~1.2B Llama (16 layers, d 2048, vocab 128256), seq 1024, bf16; ~2 min
     python bench/gpu.py --tiny          # CPU or GPU: a tiny shape that runs in seconds (tests/test_bench.py)
 
-What it runs, as sspo.py's main() does it (sspo.SequenceScorer, sspo.preference_loss, sspo.repulsion_loss,
-RMSprop on fp32 weights, bf16 autocast as `--mixed_precision bf16`, gradient clipping):
+What it runs, with sspo.py's own functions (sspo.SequenceScorer; sspo.optimizer_step: its micro-steps, loss,
+gradient clipping and RMSprop step on fp32 weights under accelerate's bf16 autocast, as `--mixed_precision bf16`;
+the tiny CPU shape runs in fp32):
 1. the bf16 matmul rate of the device: torch.mm of two n x n bf16 matrices, best of 5 rounds;
 2. the reference pass (no grad) and training steps (loss sspo) on --batch_size pairs of --seq_len
    tokens (prompt --prompt_len, responses fill the rest; no padding), without and with gradient
@@ -37,11 +38,11 @@ import warnings
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "bench")]
 import sspo  # noqa: E402
+import tiny  # noqa: E402  (tests/tiny.py: the tiny builders)
+from flops import matmul_params, matmul_rate, sync  # noqa: E402
 
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 FULL = dict(layers=16, hidden=2048, heads=32, kv_heads=8, intermediate=8192, vocab=128256, seq_len=1024, prompt_len=256,
             batch_size=4, steps=8, warmup=2, matmul_n=8192, gen_prompts=16, gen_new_tokens=256)
 TINY = dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=512, seq_len=64, prompt_len=16,
@@ -49,63 +50,24 @@ TINY = dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=51
 
 
 def make_tokenizer(vocab):
-    """A word-level fast tokenizer covering every id of the model (so any sampled id decodes), ChatML template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    special = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
-    words = special + ["user", "assistant"] + [f"w{i}" for i in range(vocab - len(special) - 2)]
-    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
-                                        bos_token="<|im_start|>", eos_token="<|im_end|>")
-    tokenizer.chat_template = CHATML
-    return tokenizer
+    """tests/tiny.py's word-level ChatML tokenizer with `vocab` tokens (words w0, w1, ...): any sampled id decodes."""
+    fixed = len(tiny.SPECIAL) + len(tiny.PUNCTUATION) + 2
+    return tiny.make_tokenizer(words=["user", "assistant"] + [f"w{i}" for i in range(vocab - fixed)])
 
 
 def make_model(shape, tokenizer, device):
-    """A random-weight LlamaForCausalLM of `shape` (fp32 weights, as sspo.py trains them), built on `device`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
-                         num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
-                         num_key_value_heads=shape["kv_heads"], max_position_embeddings=max(2048, shape["seq_len"] * 2),
-                         tie_word_embeddings=True,
-                         bos_token_id=tokenizer.convert_tokens_to_ids("<|im_start|>"),
-                         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def matmul_rate(device, n, dtype=torch.bfloat16, reps=10, rounds=5):
-    """Best-of-rounds TFLOP/s of torch.mm(n x n, n x n) in `dtype` on `device`."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    torch.mm(a, b)
-    sync(device)
-    best = 0.0
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(reps):
-            torch.mm(a, b)
-        sync(device)
-        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12)
-    return best
+    """tests/tiny.py's random-weight Llama of `shape` (fp32 weights, as sspo.py trains them), built on `device`."""
+    assert len(tokenizer) == shape["vocab"]
+    return tiny.make_llama(vocab_size=shape["vocab"], hidden=shape["hidden"], layers=shape["layers"], heads=shape["heads"],
+                           kv_heads=shape["kv_heads"], intermediate=shape["intermediate"],
+                           max_positions=max(2048, shape["seq_len"] * 2), device=device)
 
 
 def useful_flops(model, tokens, response_tokens, seq_len):
     """FLOPs of one training step's useful work (see the module docstring): (step, reference pass)."""
     cfg = model.config
     head = model.get_output_embeddings()
-    body = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+    body = matmul_params(model) - head.weight.numel()
     forward = 2 * body * tokens + 2 * head.weight.numel() * response_tokens + \
         4 * cfg.num_hidden_layers * cfg.hidden_size * tokens * (seq_len / 2)
     return 3 * forward, forward
@@ -128,12 +90,13 @@ def examples_for(shape, seed=0):
     g = torch.Generator().manual_seed(seed)
     vocab, p, r = shape["vocab"], shape["prompt_len"], shape["seq_len"] - shape["prompt_len"]
     ids = lambda n: torch.randint(4, vocab - 2, (n,), generator=g).tolist()  # noqa: E731  (no special tokens)
-    return [dict(prompt_ids=ids(p), chosen_ids=ids(r), rejected_ids=ids(r), chosen_winrate=0.75, rejected_winrate=0.3)
+    return [dict(prompt_ids=ids(p), chosen_ids=ids(r), rejected_ids=ids(r), chosen_winrate=0.75, rejected_winrate=0.3, gate=0.0)
             for _ in range(shape["batch_size"])]
 
 
-def train(model, examples, pad_id, shape, device, gradient_checkpointing, share_prompt=False, beta=1e-3, logits_chunk=1024):
-    """The reference pass and `steps` training steps of sspo.py's loop; returns timings, memory and the loss."""
+def train(accelerator, model, examples, pad_id, shape, device, gradient_checkpointing, share_prompt=False, beta=1e-3,
+          logits_chunk=1024):
+    """The reference pass and `steps` of sspo.py's optimizer steps (sspo.optimizer_step); returns timings, memory, loss."""
     model.config.use_cache = False
     sspo.disable_dropout(model)
     with warnings.catch_warnings():  # sspo.py's call; transformers 5 calls the name deprecated (FutureWarning)
@@ -144,41 +107,31 @@ def train(model, examples, pad_id, shape, device, gradient_checkpointing, share_
             model.gradient_checkpointing_disable()
     model.train()
     scorer = sspo.SequenceScorer(model, chunk=logits_chunk)
-    opt = torch.optim.RMSprop([p for p in scorer.parameters() if p.requires_grad], lr=5e-7)
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731  (= --mixed_precision bf16)
+    scorer, opt = accelerator.prepare(scorer, sspo.make_optimizer(scorer, "rmsprop", 5e-7, 0.0))
     batch = {k: v.to(device) for k, v in sspo.collate(examples, pad_id, share_prompt).items()}
-    b = len(examples)
-    win_w = torch.tensor([e["chosen_winrate"] for e in examples], device=device)
-    win_l = torch.tensor([e["rejected_winrate"] for e in examples], device=device)
     reset_memory(device)
 
-    with torch.no_grad(), autocast():  # pi_t, once, as sspo.py does before its first update
+    with torch.no_grad(), accelerator.autocast():  # pi_t, once, as sspo.py does before its first update
         scorer(**batch)
         sync(device)
         t = time.perf_counter()
         ref, _ = scorer(**batch)
         sync(device)
         ref_s = time.perf_counter() - t
+    ref = ref.view(2, -1).T  # (pairs, 2), as sspo.reference_logps returns it
 
     times, losses = [], []
     for step in range(shape["warmup"] + shape["steps"]):
         sync(device)
         t = time.perf_counter()
-        with autocast():
-            logps, pooled = scorer(**batch)
-        pref = sspo.preference_loss(logps[:b], logps[b:], ref[:b], ref[b:], loss_type="sspo", beta=beta,
-                                    chosen_winrate=win_w, rejected_winrate=win_l)
-        loss = (pref + sspo.repulsion_loss(pooled[:b], pooled[b:], 0.1)).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(scorer.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))  # a host sync, as sspo.py's logging has
+        metrics, _, _ = sspo.optimizer_step(accelerator, scorer, opt, examples, ref, list(range(len(examples))), pad_id,
+                                            share_prompt, 1.0, loss="sspo", beta=beta, rep_weight=1.0, rep_margin=0.1)
+        losses.append(metrics["loss"])  # its metrics are a host sync, as in sspo.py
         sync(device)
         if step >= shape["warmup"]:
             times.append(time.perf_counter() - t)
     # tokens: of the pairs (prompt counted for chosen and rejected); fed: those the layout computes
-    tokens = sum(2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples)
+    tokens = sum(sspo.pair_tokens(e) for e in examples)
     fed = tokens - (sum(len(e["prompt_ids"]) for e in examples) if share_prompt else 0)
     step_flops, ref_flops = useful_flops(model, fed, len(batch["resp_pos"]), shape["seq_len"])
     step_s = sorted(times)[len(times) // 2]
@@ -188,6 +141,7 @@ def train(model, examples, pad_id, shape, device, gradient_checkpointing, share_
                ref_tokens_per_s=tokens / ref_s, ref_tflops=ref_flops / ref_s / 1e12, peak_memory_gib=peak_memory(device),
                first_loss=losses[0], last_loss=losses[-1])
     del opt, scorer
+    accelerator.free_memory()  # drop the accelerator's references to this run's optimizer state
     model.zero_grad(set_to_none=True)
     return out
 
@@ -247,16 +201,22 @@ def run(tiny=False, out=None, batch_size=None, seq_len=None, steps=None):
     import transformers
 
     report["transformers"] = transformers.__version__
-    report["bf16_matmul_tflops"] = matmul_rate(device, shape["matmul_n"])
+    report["bf16_matmul_tflops"] = matmul_rate(device, shape["matmul_n"], torch.bfloat16, reps=10) / 1e12
     print(f"{report['device']}: bf16 matmul {report['bf16_matmul_tflops']:.1f} TFLOP/s (n={shape['matmul_n']})", flush=True)
 
+    from accelerate import Accelerator
+
+    # as `sspo.py --mixed_precision bf16` on the GPU; the tiny CPU shape in fp32 (one accelerate state per
+    # process, and the tests' in-process sspo.py runs are fp32)
+    accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" else "no")
     tokenizer = make_tokenizer(shape["vocab"])
     model = make_model(shape, tokenizer, device)
     report["params"] = sum(p.numel() for p in model.parameters())
     examples = examples_for(shape)
     report["train"] = []
     for gc, share in ((False, False), (True, False), (False, True)):
-        r = train(model, examples, tokenizer.pad_token_id, shape, device, gradient_checkpointing=gc, share_prompt=share)
+        r = train(accelerator, model, examples, tokenizer.pad_token_id, shape, device, gradient_checkpointing=gc,
+                  share_prompt=share)
         r["mfu"] = r["step_tflops"] / report["bf16_matmul_tflops"]
         r["ref_mfu"] = r["ref_tflops"] / report["bf16_matmul_tflops"]
         report["train"].append(r)

@@ -43,7 +43,8 @@ def line_of(path, needle):
 
 
 def classify(frames, ref_lines):
-    """The phase of one sample; frames are 'function (file:line)' strings, outermost first."""
+    """The phase of one sample; frames are 'function (file:line)' strings, outermost first. sspo.py's
+    reference pass is the function sspo.reference_logps; TRL's is found by its source lines (ref_lines)."""
     text = ";".join(frames)
     has = lambda *parts: any(p in text for p in parts)  # noqa: E731
     lm_head = has("_chunk_logps", "chunked_logprob.py")
@@ -53,7 +54,7 @@ def classify(frames, ref_lines):
         return "grad clip"
     if has("torch/autograd/__init__.py", "_engine_run_backward", "backward (accelerate"):  # not Function.apply: a forward
         return "backward: LM head" if lm_head else "backward: backbone + rest"
-    if any(f"({path}:{line})" in text for path, line in ref_lines):
+    if has("reference_logps (sspo.py") or any(f"({path}:{line})" in text for path, line in ref_lines):
         return "reference forward"
     if has("check_scorer"):
         return "scorer check"
@@ -111,8 +112,7 @@ def main(work="/tmp/sspo-bench-profile", prompts=64, rate=50, threads=2, out="be
     import trl
 
     trl_file = os.path.join(os.path.dirname(trl.__file__), "trainer", "dpo_trainer.py")
-    ref_lines = [("sspo.py", line_of(os.path.join(ROOT, "sspo.py"), "collate([examples[i] for i in idx or [0]]")),
-                 ("trl/trainer/dpo_trainer.py", line_of(trl_file, "ref_outputs = self.ref_model(")),
+    ref_lines = [("trl/trainer/dpo_trainer.py", line_of(trl_file, "ref_outputs = self.ref_model(")),
                  ("trl/trainer/dpo_trainer.py", line_of(trl_file, "ref_per_token_logps = model(**model_kwargs"))]
     os.makedirs(os.path.join(work, "runs"), exist_ok=True)
     report = dict(work={k: v for k, v in built.items() if k != "lengths"}, rate=rate, trainers={}, ref_lines=ref_lines,

@@ -66,7 +66,7 @@ def main(prompts="data/demo_train.jsonl", n_prompts=40, k=4, max_new_tokens=128,
         with torch.no_grad():
             _, pooled = scorer(**sspo.collate(examples, tokenizer.pad_token_id))
         b = len(pairs)
-        d = (torch.nn.functional.normalize(pooled[:b], dim=-1) - torch.nn.functional.normalize(pooled[b:], dim=-1)).norm(dim=-1)
+        d = sspo.latent_distance(pooled[:b], pooled[b:])
         distances += d.tolist()
 
     report = {"settings": dict(prompts=prompts, n_prompts=len(rows), k=k, max_new_tokens=max_new_tokens, seed=seed,

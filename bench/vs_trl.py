@@ -48,11 +48,10 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "bench")]
+import flops  # noqa: E402
+import tiny  # noqa: E402  (tests/tiny.py: the tiny builders)
 
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-SPECIAL = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
 MD_BEGIN, MD_END = "<!-- vs_trl:begin -->", "<!-- vs_trl:end -->"
 
 
@@ -76,7 +75,6 @@ def make_tokenizer(folder, vocab_size=16384, seed=0):
     tokenised alone (sspo.py) and inside the rendered conversation (TRL) give the same ids.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     rng = random.Random(seed)
     words = synthetic_words(rng, 14000)
@@ -85,44 +83,15 @@ def make_tokenizer(folder, vocab_size=16384, seed=0):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.BPEDecoder()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
-                                        bos_token="<|im_start|>", eos_token="<|im_end|>")
-    tokenizer.chat_template = CHATML
-    tokenizer.save_pretrained(folder)
-    return tokenizer, words, weights
-
-
-def llama_config(vocab_size, hidden=384, layers=8, heads=6, kv_heads=2, intermediate=1024, max_positions=1024,
-                 tie=True, special_ids=(3, 3, 1)):
-    from transformers import LlamaConfig
-
-    bos, eos, pad = special_ids
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
-                       tie_word_embeddings=tie, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
-
-
-def matmul_params(model):
-    """N of the FLOP count: weights of every linear layer, the LM head included (tied or not), no embeddings."""
-    import torch
-
-    head = model.get_output_embeddings()
-    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
-    return n + head.weight.numel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=tiny.SPECIAL,
+                                                        show_progress=False))
+    return tiny.chat_tokenizer(tok, folder), words, weights
 
 
 def make_model(folder, tokenizer, seed=0):
     """A random-weight Llama (d 384, 8 layers, GQA 6/2 heads, MLP 1024, tied embeddings: ~19M), saved in folder."""
-    import torch
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    ids = tuple(tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>", "<pad>"))
-    model = LlamaForCausalLM(llama_config(len(tokenizer), special_ids=ids))
-    model.generation_config.pad_token_id = ids[2]
-    model.save_pretrained(folder)
-    return model
+    return tiny.make_llama(folder, vocab_size=len(tokenizer), hidden=384, layers=8, heads=6, kv_heads=2, intermediate=1024,
+                           max_positions=1024, seed=seed)
 
 
 def make_scored(path, tokenizer, words, weights, prompts=64, k=4, prompt_tokens=64, response_tokens=128, spread=0.25,
@@ -180,26 +149,18 @@ def build_work(work, prompts, max_length, seed=0):
     lengths = [len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples]
     return dict(model=model_dir, scored=scored, pairs=len(examples), rows=stats["rows"], real_tokens=real,
                 prompt_once_tokens=once,
-                params=sum(p.numel() for p in model.parameters()), matmul_params=matmul_params(model),
+                params=sum(p.numel() for p in model.parameters()), matmul_params=flops.matmul_params(model),
                 vocab=len(tokenizer), lengths=lengths,
                 prompt_tokens_mean=statistics.mean(len(e["prompt_ids"]) for e in examples),
                 response_tokens_mean=statistics.mean(len(e[s]) for e in examples for s in ("chosen_ids", "rejected_ids")))
 
 
-def matmul_rate(threads, n=2048, reps=5, rounds=5):
+def matmul_rate(threads, n=2048):
     """Best-of-rounds fp32 GFLOP/s of torch.mm(n x n, n x n) on `threads` threads."""
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = 0.0
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(reps):
-            torch.mm(a, b)
-        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9)
-    return best
+    return flops.matmul_rate(n=n) / 1e9
 
 
 # ============================================================================ the children

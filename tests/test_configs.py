@@ -103,7 +103,7 @@ def test_fsdp_wrap_class_is_found_through_sspo_scorer():
     """accelerate looks the layer class up by name inside the module sspo.py prepares (its SequenceScorer)."""
     from accelerate.utils.dataclasses import get_module_class_from_name
 
-    from conftest import make_llama
+    from tiny import make_llama
     from sspo import SequenceScorer
 
     name = load(os.path.join(ROOT, "configs", "fsdp2.yaml")).fsdp_config["fsdp_transformer_layer_cls_to_wrap"]

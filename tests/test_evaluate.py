@@ -217,7 +217,7 @@ def test_plot_of_several_reports(tmp_path):
     png = tmp_path / "plot.png"
     evaluate.main(plot=str(tmp_path / "iter*" / "report.json"), plot_out=str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert evaluate._report_paths(",".join(reversed(paths))) == paths[::-1]  # given order kept
+    assert evaluate.report_paths(",".join(reversed(paths))) == paths[::-1]  # given order kept
 
 
 def test_training_curves_of_two_runs_on_one_step_axis(tmp_path):
@@ -231,7 +231,7 @@ def test_training_curves_of_two_runs_on_one_step_axis(tmp_path):
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         paths.append(str(path))
     png = tmp_path / "training.png"
-    drawn = evaluate.plot_curves(evaluate._report_paths(str(tmp_path / "iter*" / "model" / "metrics.jsonl")), str(png))
+    drawn = evaluate.plot_curves(evaluate.report_paths(str(tmp_path / "iter*" / "model" / "metrics.jsonl")), str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     x, y = drawn["loss"]
     assert x == [1, 2, 3, 4, 5, 6]  # the second run continues the step axis

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from common import UserError
-from test_oracle import models  # noqa: F401  (tiny embedder folder)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.join(ROOT, "experiments", "near_duplicates")
@@ -139,7 +138,7 @@ def _heldout(path, answers, constraints):
     return _write_jsonl(path, rows)
 
 
-def test_results_from_committed_files_partial(models, tmp_path):  # noqa: F811
+def test_results_from_committed_files_partial(models, tmp_path):
     constraints = [[{"type": "lowercase"}], [{"type": "max_words", "n": 2}, {"type": "no_commas"}]]
     data = tmp_path / "data"
     # base: prompt 0 scores 1, 0 -> 0.5; prompt 1 "a b" 1, "a, b c" 0 -> 0.5: mean 0.5
@@ -200,7 +199,7 @@ def _tiny_prompts(tmp_path):
 
 
 @pytest.mark.slow
-def test_iterate_runs_the_rewrite_stage(tiny_model_dir, models, tmp_path):  # noqa: F811
+def test_iterate_runs_the_rewrite_stage(tiny_model_dir, models, tmp_path):
     train, _ = _tiny_prompts(tmp_path)
     out = tmp_path / "run"
     rewrite = f"{sys.executable} {os.path.join(HERE, 'overconfident.py')} --threshold -1"  # every pair
@@ -227,7 +226,7 @@ def test_iterate_runs_the_rewrite_stage(tiny_model_dir, models, tmp_path):  # no
 
 
 @pytest.mark.slow
-def test_run_sh_killed_and_resumed(tiny_model_dir, models, tmp_path):  # noqa: F811
+def test_run_sh_killed_and_resumed(tiny_model_dir, models, tmp_path):
     """The whole experiment on tiny models (2 arms x 2 conditions x 2 iterations), killed half way and resumed."""
     train, heldout = _tiny_prompts(tmp_path)
     runs, dest = tmp_path / "runs", tmp_path / "dest"

@@ -5,7 +5,6 @@ import subprocess
 
 import pytest
 
-from test_oracle import models  # noqa: F401  (tiny reward model and embedder folders)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,7 +17,7 @@ def _write(path, prompts):
 
 
 @pytest.mark.slow
-def test_two_iterations_then_resume_after_a_deleted_output(tiny_model_dir, models, tmp_path):  # noqa: F811
+def test_two_iterations_then_resume_after_a_deleted_output(tiny_model_dir, models, tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, MODEL=tiny_model_dir, K="2", MAX_NEW_TOKENS="6", ITERS="2", ORACLE="reward",
                ORACLE_MODEL=models["reward"], EMBEDDER=models["embedder"], OUT=str(out),

@@ -6,7 +6,7 @@ import torch
 
 import common
 import sspo
-from test_sspo import logratios, run_cli, write_scored
+from tiny import logratios, run_sspo, write_scored
 
 peft = pytest.importorskip("peft")
 
@@ -25,9 +25,9 @@ def test_lora_training_references_and_saved_forms(tiny_model_dir, tmp_path):
     data = write_scored(tmp_path / "scored.jsonl")
     flags = ["--data", data, "--model", tiny_model_dir, "--lr", "1e-2", "--beta", "0.1", "--batch_size", "4",
              "--epochs", "3", "--warmup_ratio", "0", "--optimizer", "adamw", "--save_every", "0", "--lora_r", "8"]
-    r = run_cli(*flags, "--output_dir", tmp_path / "adapter")
+    r = run_sspo(*flags, "--output_dir", tmp_path / "adapter")
     assert r.returncode == 0, r.stderr
-    r = run_cli(*flags, "--output_dir", tmp_path / "merged", "--merge")
+    r = run_sspo(*flags, "--output_dir", tmp_path / "merged", "--merge")
     assert r.returncode == 0, r.stderr
 
     # the reference log-probs are the base model's

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from sspo import calibrate, preference_loss, repulsion_loss, semantic_gate, win_rates
+from sspo import (calibrate, latent_distance, preference_loss, preference_terms, repulsion_loss, semantic_gate,
+                  win_rates)
 
 
 def random_game(k, batch=(), seed=0):
@@ -108,6 +109,37 @@ def test_each_loss_type_value_and_gradient(loss_type):
     assert torch.allclose(out.detach(), value)
     assert torch.allclose(pw.grad, gw) and torch.allclose(pl.grad, gl)
     assert torch.allclose(rw.grad, -gw) and torch.allclose(rl.grad, -gl)  # a = policy - reference
+
+
+@pytest.mark.parametrize("loss_type", ["sspo", "sppo", "sppo_hard", "dpo", "ipo"])
+def test_preference_terms_name_what_the_loss_is_made_of(loss_type):
+    """The log-ratios and targets the loop logs are the loss's own: a = policy - reference, and the loss is
+    zero where a meets the targets (SPPO types); dpo / ipo report the targets the win rates imply."""
+    (pw, pl, rw, rl), ww, wl = _inputs(seed=10)
+    beta = 0.05
+    terms = preference_terms(pw, pl, rw, rl, loss_type=loss_type, beta=beta, chosen_winrate=ww, rejected_winrate=wl)
+    assert torch.equal(terms["loss"], preference_loss(pw, pl, rw, rl, loss_type=loss_type, beta=beta,
+                                                      chosen_winrate=ww, rejected_winrate=wl))
+    assert torch.allclose(terms["logratio_chosen"], pw - rw) and torch.allclose(terms["logratio_rejected"], pl - rl)
+    hard = loss_type == "sppo_hard"
+    assert torch.allclose(terms["target_chosen"], torch.full_like(ww, 10.0) if hard else 20 * (ww - 0.5))
+    assert torch.allclose(terms["target_rejected"], torch.full_like(wl, -10.0) if hard else 20 * (wl - 0.5))
+    if loss_type in ("sspo", "sppo", "sppo_hard"):
+        at = preference_terms(terms["target_chosen"], terms["target_rejected"], torch.zeros(9, dtype=torch.float64),
+                              torch.zeros(9, dtype=torch.float64), loss_type=loss_type, beta=beta, chosen_winrate=ww,
+                              rejected_winrate=wl)
+        assert torch.allclose(at["loss"], torch.zeros(9, dtype=torch.float64))
+    if loss_type in ("dpo", "ipo"):
+        alone = preference_terms(pw, pl, rw, rl, loss_type=loss_type, beta=beta)
+        assert alone["target_chosen"] is None and torch.equal(alone["loss"], terms["loss"])
+
+
+def test_latent_distance_is_the_distance_repulsion_uses():
+    g = torch.Generator().manual_seed(11)
+    hw, hl = torch.randn(7, 16, generator=g), torch.randn(7, 16, generator=g)
+    cos = torch.nn.functional.cosine_similarity(hw, hl, dim=-1)
+    assert torch.allclose(latent_distance(hw, hl), (2 - 2 * cos).sqrt(), atol=1e-5)  # unit vectors: |u-v|^2 = 2 - 2cos
+    assert torch.allclose(repulsion_loss(hw, hl, 1.3), torch.relu(1.3 - latent_distance(hw, hl)))
 
 
 def test_sppo_hard_is_sppo_with_winrates_one_and_zero():

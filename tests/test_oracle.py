@@ -10,7 +10,7 @@ import torch
 
 import oracle
 from common import UserError
-from conftest import WORDS, make_tokenizer
+from tiny import WORDS, make_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = [  # K differs across rows; extra fields must pass through
@@ -20,55 +20,6 @@ ROWS = [  # K differs across rows; extra fields must pass through
     {"id": "c", "prompt": "name three colors", "responses": ["red blue green", "red", "cat dog", "water", "three"]},
 ]
 torch.set_num_threads(1)
-
-
-def pairrm_tokenizer(path):
-    """A DeBERTa-style tokenizer: [CLS] text [SEP] per segment, PairRM's three markers as special tokens."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    special = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "<|source|>", "<|candidate1|>", "<|candidate2|>"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(special + sorted(set(WORDS)) + list(".,!?:-"))},
-                                     unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok.add_special_tokens(special)
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                        sep_token="[SEP]")
-    tokenizer.save_pretrained(path)
-    return tokenizer
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """Folders of a reward model, a PairRM-shaped model, a judge LM and an embedder, all tiny and random."""
-    from transformers import (BertConfig, BertModel, DebertaV2Config, LlamaConfig, LlamaForCausalLM,
-                              LlamaForSequenceClassification)
-
-    root = tmp_path_factory.mktemp("oracles")
-    paths = {name: str(root / name) for name in ("reward", "pairrm", "judge", "embedder")}
-    tokenizer = make_tokenizer(paths["reward"])
-    torch.manual_seed(0)
-    LlamaForSequenceClassification(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, num_labels=1, pad_token_id=tokenizer.pad_token_id, initializer_range=0.2,
-    )).save_pretrained(paths["reward"])
-    pairrm_tok = pairrm_tokenizer(paths["pairrm"])
-    marker = pairrm_tok.convert_tokens_to_ids
-    oracle.PairRMModel(DebertaV2Config(  # PairRM's config, scaled down: DeBERTa-v3 relative attention + head extras
-        vocab_size=len(pairrm_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=512, relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=64,
-        position_biased_input=False, norm_rel_ebd="layer_norm", share_att_key=True, type_vocab_size=0, pad_token_id=0,
-        initializer_range=0.2, n_tasks=1, drop_out=0.05, source_prefix_id=marker("<|source|>"),
-        cand1_prefix_id=marker("<|candidate1|>"), cand2_prefix_id=marker("<|candidate2|>"),
-    )).save_pretrained(paths["pairrm"])
-    LlamaForCausalLM(LlamaConfig(  # larger weights than a fresh init: the judge's answer depends on the pair
-        vocab_size=len(make_tokenizer(paths["judge"])), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, initializer_range=0.3, eos_token_id=2, pad_token_id=3,
-    )).save_pretrained(paths["judge"])
-    BertModel(BertConfig(vocab_size=len(make_tokenizer(paths["embedder"])), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=1, num_attention_heads=2)).save_pretrained(paths["embedder"])
-    return paths
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +51,7 @@ def test_batching_and_response_order_change_nothing(models, backends, kind):
 def test_reward_p_is_sigmoid_of_reward_difference(backends):
     rm = backends["reward"]
     for row, P in zip(ROWS, rm.pref(ROWS)):
-        r = np.array([rm._rewards([rm._ids(row["prompt"], y)])[0] for y in row["responses"]])
+        r = np.array([rm.rewards([rm.token_ids(row["prompt"], y)])[0] for y in row["responses"]])
         assert np.allclose(P, 1 / (1 + np.exp(-(r[:, None] - r[None, :]))), atol=1e-6)
         assert np.all((P > 0.5) == (r[:, None] > r[None, :]))  # P follows the reward order
 

@@ -20,7 +20,7 @@ import evaluate
 import generate
 import oracle
 import sspo
-from test_sspo import load_weights, write_scored
+from tiny import load_weights, write_scored
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = dict(lr=1e-3, beta=0.1, batch_size=2, epochs=2, save_every=3)  # 12 steps; saves at steps 3, 6 and 9
@@ -32,14 +32,14 @@ def uninterrupted(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("rotation")
     write_scored(root / "scored.jsonl", n=12)
     (root / "model").symlink_to(tiny_model_dir)
-    save = sspo._atomic_save_checkpoint
+    save = sspo.save_checkpoint
 
     def save_and_copy(accelerator, output_dir, step):
         save(accelerator, output_dir, step)
         shutil.copytree(os.path.join(output_dir, "checkpoint"), root / "saved" / str(step))
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sspo, "_atomic_save_checkpoint", save_and_copy)
+        mp.setattr(sspo, "save_checkpoint", save_and_copy)
         train(root, root / "full")
     return root
 
@@ -129,17 +129,17 @@ def test_resume_from_every_state_a_kill_leaves(uninterrupted, tmp_path, capsys, 
     _build(uninterrupted, out, layout, start)
     with pytest.raises(common.UserError, match="add --resume"):  # never silently starts over
         train(uninterrupted, out)
-    saves, save = [], sspo._atomic_save_checkpoint
+    saves, save = [], sspo.save_checkpoint
 
     def save_and_check(accelerator, output_dir, step):
         save(accelerator, output_dir, step)
         saves.append(step)
-        assert sspo._checkpoint_step(os.path.join(output_dir, "checkpoint")) == step
+        assert sspo.checkpoint_step(os.path.join(output_dir, "checkpoint")) == step
         assert not any(os.path.exists(os.path.join(output_dir, "checkpoint" + s)) for s in (".old", ".tmp"))
 
     capsys.readouterr()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sspo, "_atomic_save_checkpoint", save_and_check)
+        mp.setattr(sspo, "save_checkpoint", save_and_check)
         train(uninterrupted, out, resume=True)
     assert f"starting at step {start}" in capsys.readouterr().out
     assert saves == [s for s in (3, 6, 9) if s > start]  # saving goes on working from every state
@@ -167,7 +167,7 @@ def test_a_kill_after_summary_json_leaves_a_finished_model(uninterrupted, tmp_pa
 FULL_DISK = """
 import resource, signal, sys, sspo, common
 STEP, AFTER, LIMIT = {step}, {after}, {limit}
-save = sspo._atomic_save_checkpoint
+save = sspo.save_checkpoint
 def save_on_a_full_disk(accelerator, output_dir, step):
     if step == STEP and AFTER:
         save(accelerator, output_dir, step)
@@ -176,7 +176,7 @@ def save_on_a_full_disk(accelerator, output_dir, step):
         resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
     if step != STEP or not AFTER:
         save(accelerator, output_dir, step)
-sspo._atomic_save_checkpoint = save_on_a_full_disk
+sspo.save_checkpoint = save_on_a_full_disk
 sys.argv = ["sspo.py"] + sys.argv[1:]
 common.cli(sspo.main)
 """
@@ -197,7 +197,7 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_resumes(uninterrupted, 
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert errors == r.stderr.strip().splitlines()[-1:]  # one line, the last: the progress bars closed above it
     assert errors[0].startswith(f"error: {out}{failed}: cannot write ("), r.stderr
-    assert sspo._checkpoint_step(out / "checkpoint") == resumed_from and not (out / "checkpoint.tmp").exists()
+    assert sspo.checkpoint_step(out / "checkpoint") == resumed_from and not (out / "checkpoint.tmp").exists()
     assert not (out / "summary.json").exists()
     train(uninterrupted, out, resume=True)
     assert f"starting at step {resumed_from}" in capsys.readouterr().out

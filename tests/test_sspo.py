@@ -11,41 +11,9 @@ import torch
 
 import common
 import sspo
-from conftest import WORDS, make_tokenizer
+from tiny import WORDS, game, load_weights, logratios, make_tokenizer, run_sspo, write_scored
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def game(rewards, sims):
-    """pref from rewards (Bradley-Terry), and a symmetric sim with diagonal 1 from a dict {(i, j): s}."""
-    k = len(rewards)
-    pref = [[1 / (1 + math.exp(rewards[j] - rewards[i])) for j in range(k)] for i in range(k)]
-    sim = [[1.0 if i == j else sims.get((min(i, j), max(i, j)), 0.1) for j in range(k)] for i in range(k)]
-    return pref, sim
-
-
-def write_scored(path, n=16, k=4, seed=0):
-    """n prompts of k random-word responses; the oracle prefers longer responses, sim is random."""
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for i in range(n):
-            responses = [" ".join(rng.choices(WORDS, k=rng.randint(3, 14))) for _ in range(k)]
-            pref, sim = game([len(r.split()) / 3 for r in responses],
-                             {(a, b): round(rng.uniform(0, 0.8), 3) for a in range(k) for b in range(a + 1, k)})
-            f.write(json.dumps({"id": f"p{i}", "prompt": " ".join(rng.choices(WORDS, k=6)), "responses": responses,
-                                "pref": pref, "sim": sim}) + "\n")
-    return path
-
-
-def run_cli(*args, env=None, launcher=(sys.executable,)):
-    return subprocess.run([*launcher, os.path.join(ROOT, "sspo.py"), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})), timeout=600)
-
-
-def load_weights(path):
-    from safetensors.torch import load_file
-
-    return load_file(os.path.join(path, "model.safetensors"))
 
 
 # ------------------------------------------------------------------------------- pair picking
@@ -277,7 +245,7 @@ def test_attn_implementation_reaches_the_model_and_a_wrong_one_is_one_line(tiny_
     model, _ = common.load_causal_lm(tiny_model_dir, attn_implementation="eager")
     assert model.config._attn_implementation == "eager"
     data = write_scored(tmp_path / "scored.jsonl", n=2)
-    out = run_cli("--data", data, "--model", tiny_model_dir, "--output_dir", tmp_path / "run", "--attn_implementation", "nonsense")
+    out = run_sspo("--data", data, "--model", tiny_model_dir, "--output_dir", tmp_path / "run", "--attn_implementation", "nonsense")
     assert out.returncode == 2 and "cannot load model" in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
@@ -336,32 +304,15 @@ def test_can_share_prompt_only_where_the_mask_is_taken_as_given():
 
 # ------------------------------------------------------------------------------ real training
 
-def logratios(model_dir, base_dir, data, loss="sspo"):
-    """Mean log-ratio of chosen and rejected, and mean latent distance, of a trained model vs its start."""
-    from transformers import AutoModelForCausalLM
-
-    tokenizer = common.load_tokenizer(base_dir)
-    pairs, _ = sspo.load_pairs(str(data), loss, 0.55, 0.95)
-    batch = sspo.collate(sspo.tokenize_pairs(pairs, tokenizer, 512)[0], tokenizer.pad_token_id)
-    out = {}
-    for name, path in (("new", model_dir), ("old", base_dir)):
-        with torch.no_grad():
-            out[name] = sspo.SequenceScorer(AutoModelForCausalLM.from_pretrained(path))(**batch)
-    b = len(pairs)
-    a = out["new"][0] - out["old"][0]
-    dist = lambda pooled: (torch.nn.functional.normalize(pooled[:b], dim=-1) - torch.nn.functional.normalize(pooled[b:], dim=-1)).norm(dim=-1).mean()
-    return float(a[:b].mean()), float(a[b:].mean()), float(dist(out["old"][1])), float(dist(out["new"][1]))
-
-
 def test_training_moves_chosen_above_rejected_and_repulsion_pushes_apart(tiny_model_dir, tmp_path):
     data = write_scored(tmp_path / "scored.jsonl")
     common_flags = ["--data", data, "--model", tiny_model_dir, "--lr", "3e-3", "--beta", "0.1", "--batch_size", "4",
                     "--epochs", "3", "--warmup_ratio", "0", "--optimizer", "adamw", "--save_every", "0"]
-    r = run_cli(*common_flags, "--output_dir", tmp_path / "plain", "--rep_weight", "0")
+    r = run_sspo(*common_flags, "--output_dir", tmp_path / "plain", "--rep_weight", "0")
     assert r.returncode == 0, r.stderr
     aw, al, d0, d_plain = logratios(tmp_path / "plain", tiny_model_dir, data)
     assert aw > 1.0 and al < -1.0, (aw, al)
-    r = run_cli(*common_flags, "--output_dir", tmp_path / "rep", "--rep_weight", "50", "--rep_margin", "2")
+    r = run_sspo(*common_flags, "--output_dir", tmp_path / "rep", "--rep_weight", "50", "--rep_margin", "2")
     assert r.returncode == 0, r.stderr
     _, _, _, d_rep = logratios(tmp_path / "rep", tiny_model_dir, data)
     assert d_rep > d0 + 0.05 and d_rep > d_plain + 0.05, (d0, d_plain, d_rep)
@@ -386,12 +337,12 @@ def test_two_processes_and_grad_accum_give_the_weights_of_one_with_double_batch(
     data = write_scored(tmp_path / "scored.jsonl", n=9)  # 9: a last step of 1 pair leaves one process empty
     flags = ["--data", data, "--model", tiny_model_dir, "--lr", "1e-3", "--beta", "0.1", "--epochs", "2",
              "--optimizer", "adamw", "--save_every", "0"]
-    one = run_cli(*flags, "--batch_size", "4", "--output_dir", tmp_path / "one")
+    one = run_sspo(*flags, "--batch_size", "4", "--output_dir", tmp_path / "one")
     assert one.returncode == 0, one.stderr
-    two = run_cli(*flags, "--batch_size", "2", "--output_dir", tmp_path / "two",
+    two = run_sspo(*flags, "--batch_size", "2", "--output_dir", tmp_path / "two",
                   launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"))
     assert two.returncode == 0, two.stderr
-    accum = run_cli(*flags, "--batch_size", "2", "--grad_accum", "2", "--output_dir", tmp_path / "accum")
+    accum = run_sspo(*flags, "--batch_size", "2", "--grad_accum", "2", "--output_dir", tmp_path / "accum")
     assert accum.returncode == 0, accum.stderr
     w1, w2 = load_weights(tmp_path / "one"), load_weights(tmp_path / "two")
     for k, v in load_weights(tmp_path / "accum").items():
@@ -415,7 +366,7 @@ def test_training_with_the_prompt_shared_equals_training_with_rows_apart(tiny_mo
     flags = ["--data", data, "--model", tiny_model_dir, "--lr", "1e-3", "--beta", "0.1", "--optimizer", "adamw",
              "--save_every", "0", "--batch_size", "3", "--nogroup_by_length"]  # the same steps in both layouts
     for name, extra in (("shared", []), ("apart", ["--share_prompt", "False"])):
-        out = run_cli(*flags, *extra, "--output_dir", tmp_path / name)
+        out = run_sspo(*flags, *extra, "--output_dir", tmp_path / name)
         assert out.returncode == 0, out.stderr
         assert f"prompt shared by chosen and rejected: {'yes' if name == 'shared' else 'no'}" in out.stdout
     shared, apart, base = load_weights(tmp_path / "shared"), load_weights(tmp_path / "apart"), load_weights(tiny_model_dir)
@@ -427,12 +378,12 @@ def test_training_with_the_prompt_shared_equals_training_with_rows_apart(tiny_mo
 
 KILL_AFTER_CHECKPOINT = """
 import os, sys, sspo, common
-save = sspo._atomic_save_checkpoint
+save = sspo.save_checkpoint
 def save_then_die(accelerator, output_dir, step):
     save(accelerator, output_dir, step)
     if step == {step}:
         os.kill(os.getpid(), 9)
-sspo._atomic_save_checkpoint = save_then_die
+sspo.save_checkpoint = save_then_die
 sys.argv = ["sspo.py"] + sys.argv[1:]
 common.cli(sspo.main)
 """
@@ -442,7 +393,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_model_dir, tmp_pat
     data = write_scored(tmp_path / "scored.jsonl", n=12)
     flags = ["--data", data, "--model", tiny_model_dir, "--lr", "1e-3", "--beta", "0.1", "--batch_size", "2",
              "--epochs", "2", "--save_every", "4"]  # rmsprop (the default): its state must come back too
-    full = run_cli(*flags, "--output_dir", tmp_path / "full")
+    full = run_sspo(*flags, "--output_dir", tmp_path / "full")
     assert full.returncode == 0, full.stderr
     killer = tmp_path / "killer.py"
     killer.write_text(KILL_AFTER_CHECKPOINT.format(step=8))
@@ -450,9 +401,9 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_model_dir, tmp_pat
                             capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
     assert killed.returncode == -9, killed.stderr
     assert not os.path.exists(tmp_path / "res" / "model.safetensors")
-    again = run_cli(*flags, "--output_dir", tmp_path / "res")
+    again = run_sspo(*flags, "--output_dir", tmp_path / "res")
     assert again.returncode == 2 and "--resume" in again.stderr  # never silently starts over
-    resumed = run_cli(*flags, "--output_dir", tmp_path / "res", "--resume")
+    resumed = run_sspo(*flags, "--output_dir", tmp_path / "res", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "starting at step 8" in resumed.stdout
     w_full, w_res = load_weights(tmp_path / "full"), load_weights(tmp_path / "res")
@@ -461,9 +412,9 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_model_dir, tmp_pat
     steps = [json.loads(x)["step"] for x in open(tmp_path / "res" / "metrics.jsonl")]
     assert steps == list(range(1, 13))
     assert not os.path.exists(tmp_path / "res" / "checkpoint")  # removed once the model is saved
-    done = run_cli(*flags, "--output_dir", tmp_path / "res", "--resume")
+    done = run_sspo(*flags, "--output_dir", tmp_path / "res", "--resume")
     assert done.returncode == 0 and "already complete" in done.stdout
-    changed = run_cli(*flags[:-1], "5", "--output_dir", tmp_path / "res2", "--resume")
+    changed = run_sspo(*flags[:-1], "5", "--output_dir", tmp_path / "res2", "--resume")
     assert changed.returncode == 0, changed.stderr  # no run there yet: --resume starts one
 
 
@@ -501,10 +452,10 @@ def test_bad_input_names_file_line_and_field(tmp_path):
 def test_cli_user_error_is_one_line_and_exit_2(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "q", "chosen": "a"}\n')
-    r = run_cli("--data", path, "--output_dir", tmp_path / "out")
+    r = run_sspo("--data", path, "--output_dir", tmp_path / "out")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"error: {path}:1: field 'rejected': must be a string, got NoneType"]
-    r = run_cli("--data", tmp_path / "missing.jsonl")
+    r = run_sspo("--data", tmp_path / "missing.jsonl")
     assert r.returncode == 2 and r.stderr.strip() == f"error: {tmp_path}/missing.jsonl: no such file"
     assert not (tmp_path / "out").exists()
 
@@ -512,7 +463,7 @@ def test_cli_user_error_is_one_line_and_exit_2(tmp_path):
 @pytest.mark.slow
 def test_packaged_smollm2_trains_and_its_output_loads(tmp_path):
     """The default model end to end: `make demo`'s command on the built-in pairs (about 2 min on 2 cores)."""
-    r = run_cli("--data", os.path.join(ROOT, "data", "demo_pairs.jsonl"), "--output_dir", tmp_path / "demo",
+    r = run_sspo("--data", os.path.join(ROOT, "data", "demo_pairs.jsonl"), "--output_dir", tmp_path / "demo",
                 "--batch_size", "2", "--max_length", "256", "--lr", "1e-6", "--beta", "0.01")
     assert r.returncode == 0, r.stderr
     from transformers import AutoModelForCausalLM, AutoTokenizer

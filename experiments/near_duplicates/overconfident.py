@@ -25,7 +25,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from common import UserError, atomic_write_text, cli, field_error, read_rows  # noqa: E402
+from common import UserError, atomic_write_text, cli, field_error, matrix_field, read_rows  # noqa: E402
 
 DEFAULT_THRESHOLD = 0.8  # the top quarter of sibling similarities of SmolLM2 answers (MiniLM; bench/similarity_stats.py)
 PERCENTILES = (5, 25, 50, 75, 95)
@@ -42,19 +42,6 @@ def every_pair(prompt_id, k):
     return [(prompt_id, i, j) for i in range(k) for j in range(i + 1, k)]
 
 
-def _matrix(path, n, row, name, k):
-    value = row.get(name)
-    if not (isinstance(value, list) and len(value) == k and all(isinstance(r, list) and len(r) == k for r in value)):
-        raise field_error(path, n, name, f"must be a {k} x {k} list of numbers (K = number of responses)")
-    try:
-        m = np.array(value, dtype=float)
-    except (TypeError, ValueError):
-        raise field_error(path, n, name, "must hold numbers only") from None
-    if not np.isfinite(m).all():
-        raise field_error(path, n, name, "holds NaN or infinity")
-    return m
-
-
 def read_scored(path):
     """[(line, row, P, S)] of a scored file (oracle.py's output), each row checked (common.read_rows, then P, S)."""
     rows = []
@@ -62,7 +49,7 @@ def read_scored(path):
         if "rewrite" in row:
             raise field_error(path, n, "rewrite", "this row was rewritten already: give oracle.py's output")
         k = len(row["responses"])
-        rows.append((n, row, _matrix(path, n, row, "pref", k), _matrix(path, n, row, "sim", k)))
+        rows.append((n, row, matrix_field(path, n, row, "pref", k), matrix_field(path, n, row, "sim", k)))
     if not rows:
         raise UserError(f"{path}: no rows")
     return rows
