@@ -159,7 +159,7 @@ def bootstrap_interval(values, resamples=10000, seed=0, level=0.95):
 def constraint_scores(rows):
     """Per-prompt constraint metrics over ALL of a row's responses (each a mean over the K responses).
 
-    Returns {"score": [per prompt, binary credit: the fraction of constraints met, README table],
+    Returns {"score": [per prompt, binary credit: the fraction of constraints met, docs/rule_oracle.md],
     "graded": [the same with the rule oracle's graded credit], "all_met": [share of responses meeting
     every constraint], "by_type": {type: [per (prompt, constraint) share of responses meeting it]}}.
     """
@@ -194,7 +194,7 @@ def constraint_report(out_rows, ref_rows, resamples=10000, seed=0):
 
     return {
         "n": len(out_rows),
-        "how": "binary credit (README table); a prompt's score is the mean over ALL its responses (the win rate "
+        "how": "binary credit (docs/rule_oracle.md); a prompt's score is the mean over ALL its responses (the win rate "
                f"judges the first only); 95% percentile bootstrap over prompts ({resamples} resamples, seed {seed}), "
                "paired for the difference outputs - references",
         "outputs": side(outs, out_rows),

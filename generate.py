@@ -414,14 +414,14 @@ def main(model=PACKAGED_MODEL, prompts="data/demo_train.jsonl", out="responses.j
     A re-run appends only the ids missing from --out, so a killed run resumes where it stopped.
 
     Args:
-        model: hub id, local folder, or the packaged SmolLM2-135M-Instruct (needs no hub)
+        model: hub id, local folder (a LoRA adapter folder is merged into its base), or the packaged SmolLM2-135M-Instruct (needs no hub)
         prompts: JSONL with "id" and "prompt" per line; other fields are copied to the output
         out: output JSONL; existing ids are kept and skipped, so a re-run resumes
         k: responses per prompt (K)
         max_new_tokens: longest response in tokens; a response cut here has "finished": false
         temperature: sampling temperature (0: greedy); 0.7 as SPPO samples its real models
         top_p: nucleus sampling mass; 0.9 as SPPO
-        seed: base seed; each response's stream is seeded from (seed, id, sample index)
+        seed: base seed; each response's stream is seeded from (seed, id, sample index), so the file does not depend on batching, processes or resumes
         batch_size: sequences sampled at once (slots); memory ~ batch_size x (longest prompt + 2 x max_new_tokens) x the KV bytes of a token
         engine: "hf" (transformers generate) or "vllm" (if installed; untested here)
         dtype: model weights: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16", "float16"

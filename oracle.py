@@ -273,19 +273,19 @@ class JudgeOracle(PairwiseOracle):
 # The `rule` oracle: prefers the response that meets more of its prompt's verifiable constraints.
 #
 # Needs no model, so the whole S-SPPO loop runs offline (`make demo`). A prompt row carries
-# "constraints": a list of objects, each with a "type" and that type's parameters (README.md, "The rule
-# oracle's constraints", defines each one; CHECKS below is the code):
+# "constraints": a list of objects, each with a "type" and that type's parameters (docs/rule_oracle.md
+# defines each one; CHECKS below is the code):
 #
 #     {"id": "t0001", "prompt": "...", "constraints": [{"type": "max_words", "n": 50},
 #                                                      {"type": "include_words", "words": ["river"]}]}
 #
 # Each constraint earns a credit in [0, 1] and score(response) = the mean credit over the row's
 # constraints (every constraint weighs the same; an empty response scores 0, so saying nothing never
-# satisfies "at most 50 words"). Two credits (README.md's table defines both):
+# satisfies "at most 50 words"). Two credits (docs/rule_oracle.md defines both):
 # - binary: 1 when the constraint is met, else 0 (`meets`): what evaluation reports, always;
 # - graded (the default for training): 1 exactly when met, else a partial credit that falls with the
 #   distance from meeting it (`PARTIAL`, through `credit`), so answers that all miss a constraint still
-#   differ and fewer prompts give no pair (measured on the demo prompts: README.md's table).
+#   differ and fewer prompts give no pair (measured on the demo prompts: docs/rule_oracle.md).
 #
 #     P_ij = sigmoid( (score_i - score_j) / temperature ),   P_ii = 1/2,   P_ji = 1 - P_ij.
 #
@@ -551,7 +551,7 @@ def main(data="responses.jsonl", out="scored.jsonl", oracle="pairrm", oracle_mod
         oracle: backend: "pairrm", "reward", "judge" or "rule" (see ORACLES)
         oracle_model: hub id or folder; None: pairrm llm-blender/PairRM-hf, judge the packaged SmolLM2, reward: required
         embedder: sentence encoder for "sim"; default the packaged all-MiniLM-L6-v2 (needs no hub)
-        batch_size: texts (reward, embedder) or ordered pairs (pairrm, judge) per forward pass
+        batch_size: texts (reward, embedder) or ordered pairs (pairrm, judge) per forward pass (on a CPU 8 did best: bench/RESULTS.md)
         rule_credit: the rule backend's credit per constraint, "graded" or "binary"; None: graded
     """
     from tqdm import tqdm

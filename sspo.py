@@ -12,7 +12,8 @@ started from regresses onto eta * (win rate - 1/2) (METHOD.md §1, §3, §4).
     torchrun --nproc_per_node 2 sspo.py --data scored.jsonl ...# 2 CPU processes (gloo)
     python sspo.py ... --resume                                  # continue a killed run in --output_dir
 
-The global batch is batch_size x grad_accum x processes pairs; the SPPO paper used 64.
+The global batch is batch_size x grad_accum x processes pairs; the SPPO paper used 64. The defaults are
+SPPO's published settings for 7-8B models (RMSprop, lr 5e-7, eta = 1/beta = 1000, 10% warm-up, 1 epoch).
 `python sspo.py --help` lists every flag with its default.
 """
 import torch
@@ -159,7 +160,8 @@ def load_pairs(path, loss, tau_low, tau_high):
 
     Scored rows: win rates from `pref`, calibrated by `sim` for loss 'sspo' (§3.1) and raw otherwise
     (§4); chosen = argmax, rejected = argmin. Pairs rows: the given win rates; for 'sspo' a row's
-    optional `similarity` s shrinks both toward 1/2 by the gate g(s) (§3.1 applied to the pair).
+    optional `similarity` s shrinks both toward 1/2 by the gate g(s) (§3.1 applied to the pair: full
+    calibration needs the K x K matrices, which a pairs file does not have).
     Returns (pairs, stats): pairs are dicts with prompt, chosen, rejected, chosen_winrate,
     rejected_winrate, gate; stats counts rows, pairs and prompts skipped because all win rates tie.
     """
@@ -822,39 +824,39 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
     Args:
       data: scored JSONL (oracle.py: prompt, responses, pref, sim) or pairs JSONL (METHOD.md §5)
       model: hub id or local folder of any HF causal LM with a chat template; default the packaged SmolLM2
-      output_dir: where the final model, metrics.jsonl, checkpoints and summary.json go
+      output_dir: where the final model, metrics.jsonl, run_config.json, ref_logps.pt, checkpoints and summary.json go
       loss: sspo | sppo | sppo_hard | dpo | ipo (METHOD.md §4); only sspo calibrates
       beta: 1/eta; eta scales the win-rate targets: a(y) -> eta (P_hat - 1/2)
-      tau_low: similarity at and below which the oracle's preference is kept as is (§3.1; README: how chosen)
+      tau_low: similarity at and below which the oracle's preference is kept as is (§3.1; how chosen: README, "Choosing the flags")
       tau_high: similarity at and above which the preference becomes 1/2 (§3.1)
-      rep_weight: lambda of the latent repulsion term (sspo only; 0 turns it off); None: 5 / beta, which makes its gradient ~1/10 of the regression's at step 0
+      rep_weight: lambda of the latent repulsion term (sspo only; 0 turns it off); None: 5 / beta, which makes its gradient ~1/10 of the regression's at step 0 (the value used: rep_weight_used in run_config.json)
       rep_margin: the latent distance below which chosen and rejected are pushed apart (in [0, 2])
       lr: peak learning rate
       epochs: passes over the pairs
       batch_size: pairs per process per micro-step (each pair is two sequences)
-      grad_accum: micro-steps per optimizer step
+      grad_accum: micro-steps per optimizer step; the global batch is batch_size x grad_accum x processes pairs (SPPO: 64)
       max_length: most tokens of prompt + response; longer pairs are truncated and counted
       seed: seed of the data order and of everything random
-      resume: continue the killed run found in output_dir (same command otherwise)
+      resume: continue the killed run found in output_dir (same command otherwise: a changed flag is refused)
       save_every: optimizer steps between checkpoints (0: none)
       optimizer: rmsprop (as SPPO) | adamw
       warmup_ratio: share of the optimizer steps with linearly rising learning rate
       lr_schedule: after warm-up: linear (to 0) | cosine (to 0) | constant
-      max_grad_norm: clip the global gradient norm to this (0: no clipping; the norm is logged anyway)
+      max_grad_norm: clip the global gradient norm to this (0: no clipping; the norm is logged anyway); under DeepSpeed its config's gradient_clipping applies instead
       weight_decay: decoupled for adamw, L2 for rmsprop
       mixed_precision: no | bf16 | fp16; default: what `accelerate launch` / its config says (else fp32)
       gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% slower)
       logits_chunk: response positions per chunk of the LM head (memory of the vocabulary projection)
-      group_by_length: batch pairs of similar length together (less padding; the order stays seeded)
+      group_by_length: batch pairs of similar length together (less padding; the order stays seeded); --nogroup_by_length: off
       keep_checkpoint: keep the last checkpoint (model + optimizer) after the final model is saved
       lora_r: LoRA rank (peft); 0 trains every weight
       lora_alpha: LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)
       lora_dropout: dropout on the LoRA path
       lora_target_modules: all-linear (every linear layer of attention and MLP) or a comma-separated list of module names
-      merge: with LoRA, save the merged model in output_dir (and the adapter in output_dir/adapter); else the adapter alone
-      report_to: none | tensorboard | wandb (through accelerate's trackers); metrics.jsonl is always written
-      attn_implementation: transformers' attention kernel: sdpa | eager | flash_attention_2 | ...; None: its default (sdpa)
-      share_prompt: compute each pair's prompt once (one row prompt+chosen+rejected, a 4-D attention mask); None: when the attention takes such a mask, confirmed at start against separate rows
+      merge: with LoRA, save the merged model in output_dir (and the adapter in output_dir/adapter); else the adapter alone (a folder --model and generate.py accept)
+      report_to: none | tensorboard | wandb (through accelerate's trackers; install the one you pick); metrics.jsonl is always written
+      attn_implementation: transformers' attention kernel: sdpa | eager | flash_attention_2 (needs flash-attn; chosen and rejected then run in rows apart) | ...; None: its default (sdpa)
+      share_prompt: compute each pair's prompt once (one row prompt+chosen+rejected, a 4-D attention mask); None: when the attention takes such a mask (sdpa or eager, no sliding window shorter than --max_length), confirmed at start against separate rows, else off with a line saying so; --noshare_prompt: rows apart
     """
     config = {k: v for k, v in locals().items()}
     check_flags(config)

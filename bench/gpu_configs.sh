@@ -2,7 +2,8 @@
 # Train a few steps of a ~0.85B random-weight Llama with sspo.py under configs/single_gpu.yaml,
 # configs/fsdp2.yaml and configs/deepspeed_zero3.yaml (one process each), check that each saved
 # model reloads in plain transformers and that --resume continues a run, and record per-GPU memory
-# and tokens/s beside bench/memory_plan.py's estimate in bench/RESULTS.md.
+# and tokens/s beside bench/memory_plan.py's estimate in bench/results/gpu_configs.md (a page of its own:
+# the script writes the whole file, so it never overwrites bench/RESULTS.md's other sections).
 #
 #   bash bench/gpu_configs.sh                      # on a GPU machine (a few minutes on one H100/H200)
 #   bash bench/gpu_configs.sh --cpu-smoke          # the single-device path on CPU, tiny shapes (~1 min)
@@ -54,7 +55,7 @@ else
   CONFIGS="single_gpu fsdp2 deepspeed_zero3"
   LAUNCH_EXTRA=""
   WORK="${WORK:-$(mktemp -d /tmp/gpu_configs.XXXXXX)}"
-  RESULTS="${RESULTS:-$ROOT/bench/RESULTS.md}"
+  RESULTS="${RESULTS:-$ROOT/bench/results/gpu_configs.md}"
   if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "error: no CUDA device visible to $PY; on a CPU machine run: bash bench/gpu_configs.sh --cpu-smoke" >&2
     exit 2

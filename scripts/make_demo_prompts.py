@@ -2,7 +2,7 @@
 
     python scripts/make_demo_prompts.py            # -> data/demo_train.jsonl, data/demo_heldout.jsonl
 
-Each row is {"id", "prompt", "constraints"}; the constraint types are defined in the README (and
+Each row is {"id", "prompt", "constraints"}; the constraint types are defined in docs/rule_oracle.md (and
 checked by the rule oracle). Each prompt is a simple task on an everyday topic (things a 135M
 instruct model can write about) plus one to three constraints, stated in words in the prompt. The
 same seed gives the same files byte for byte.

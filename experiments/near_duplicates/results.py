@@ -8,7 +8,7 @@ answers), trained_pairs.jsonl (trained_pairs.py), metrics.jsonl and summary.json
 missing is left out, so partial results work. results.json is a list of records, the base model first
 (arm "base", condition null, iteration 0), each holding:
 - arm, condition, iteration, heldout (path relative to --folder), prompts, k (answers per prompt);
-- constraint_score: mean over prompts of the mean binary credit of the prompt's K answers (README's
+- constraint_score: mean over prompts of the mean binary credit of the prompt's K answers (docs/rule_oracle.md's
   definitions, evaluate.constraint_scores), constraint_ci its 95% bootstrap interval over prompts;
   vs_base, vs_base_ci: the paired difference from the base model (evaluate.constraint_report);
   meets_all: share of answers meeting every constraint;
