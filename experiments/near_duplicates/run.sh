@@ -150,6 +150,7 @@ for ((t = 1; t <= ITERS; t++)); do
   for condition in "${conditions[@]}"; do
     for arm in "${arms[@]}"; do
       calls=$((calls + 1))
+      if [[ -e "$DEST/data/$condition/$arm/iter$ITERS/summary.json" ]]; then continue; fi  # skipped below
       if [[ ! -e "$RUNS/$condition/$arm/iter$t/report.json.done" ]]; then
         todo=$((todo + 1))
         tenths=$((tenths + 40 + 13 + 2 + 3 + (t > 1 ? 25 + 5 : 0)))
