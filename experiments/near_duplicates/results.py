@@ -21,6 +21,12 @@ missing is left out, so partial results work. results.json is a list of records,
   rejected similarity >= near_duplicate_threshold), latent_distance (mean of sspo.py's latent_dist over steps),
   gate_mean (the same for the gate), corrupted_share (pairs of answers the rewrite changed / all pairs) and
   trained_pair_corrupted_share (trained pairs the rewrite changed).
+contrasts.json: paired differences over the same held-out prompts, each a record {condition, arm, iteration,
+minus_condition, minus_arm, constraint_difference, and the same for mean_tokens, self_similarity and distinct_2
+(each X_difference the mean over prompts of the per-prompt difference, X_difference_ci its 95% paired bootstrap
+interval over prompts)}: every arm minus sppo under the same
+oracle and iteration (does the loss matter?), and every arm under each other oracle minus the same arm under the
+clean one (does the oracle's noise matter?). RESULTS.md shows them as a second table.
 Wall time: the sum of wall_time.jsonl's lines (run.sh writes one per iterate.sh call).
 """
 import glob
@@ -69,15 +75,22 @@ def runs(folder):
     return sorted(found, key=lambda r: (_order(r[0], CONDITIONS), _order(r[1], ARMS), r[2]))
 
 
+def per_prompt(rows, embedder):
+    """Each prompt's mean answer length, distinct-2 and self-similarity (mean cosine of its K answers)."""
+    sims = embedder.sim([row["responses"] for row in rows])
+    return {"mean_tokens": [float(np.mean(row["num_tokens"])) if row.get("num_tokens") else None for row in rows],
+            "distinct_2": [evaluate.distinct_n(row["responses"], 2) for row in rows],
+            "self_similarity": [float(S[~np.eye(len(S), dtype=bool)].mean()) for S in sims]}
+
+
 def answer_metrics(rows, embedder):
     """Length, token-limit hits and collapse of all K answers of each prompt."""
     tokens = [n for row in rows for n in row.get("num_tokens") or []]
     finished = [f for row in rows for f in row.get("finished") or []]
-    sims = embedder.sim([row["responses"] for row in rows])
+    each = per_prompt(rows, embedder)
     return {"mean_tokens": float(np.mean(tokens)) if tokens else None,
             "hit_limit_share": float(np.mean([not f for f in finished])) if finished else None,
-            "distinct_2": float(np.mean([evaluate.distinct_n(row["responses"], 2) for row in rows])),
-            "self_similarity": float(np.mean([S[~np.eye(len(S), dtype=bool)].mean() for S in sims]))}
+            "distinct_2": float(np.mean(each["distinct_2"])), "self_similarity": float(np.mean(each["self_similarity"]))}
 
 
 def training_metrics(d, threshold):
@@ -128,6 +141,53 @@ def records(folder, embedder, threshold, bootstrap):
                     "win_rate_se": report["standard_error"],
                     **answer_metrics([row for _, row in read_jsonl(path)], embedder), **training_metrics(d, threshold)})
     return out
+
+
+def contrasts(folder, recs, embedder, bootstrap):
+    """The paired differences of contrasts.json (see the module docstring), from the records' held-out files."""
+    by_key = {(r["condition"], r["arm"], r["iteration"]): r for r in recs[1:]}
+    rows = {}
+
+    def heldout(key):  # a file's rows in the base file's prompt order, so the difference pairs prompts
+        if key not in rows:
+            rows[key] = {row["id"]: row for _, row in read_jsonl(os.path.join(folder, by_key[key]["heldout"]))}
+        return rows[key]
+
+    out = []
+    for key, minus in [(k, (k[0], "sppo", k[2])) for k in by_key if k[1] != "sppo"] + \
+                      [(k, ("clean", k[1], k[2])) for k in by_key if k[0] != "clean"]:
+        if minus not in by_key:
+            continue
+        a, b = heldout(key), heldout(minus)
+        if set(a) != set(b):
+            raise UserError(f"{by_key[key]['heldout']} and {by_key[minus]['heldout']} answer different prompts")
+        ids = list(a)  # the file's order (generate.py keeps the prompts')
+        d = evaluate.constraint_report([a[i] for i in ids], [b[i] for i in ids], resamples=bootstrap)["difference"]["score"]
+        record = {"condition": key[0], "arm": key[1], "iteration": key[2], "minus_condition": minus[0],
+                  "minus_arm": minus[1], "constraint_difference": d["mean"], "constraint_difference_ci": d["ci"]}
+        ea, eb = per_prompt([a[i] for i in ids], embedder), per_prompt([b[i] for i in ids], embedder)
+        for m in ("mean_tokens", "self_similarity", "distinct_2"):
+            pairs = [(x, y) for x, y in zip(ea[m], eb[m]) if x is not None and y is not None]
+            mean, ci = evaluate.bootstrap_interval([x - y for x, y in pairs], bootstrap) if pairs else (None, None)
+            record.update({f"{m}_difference": mean, f"{m}_difference_ci": ci})
+        out.append(record)
+    return out
+
+
+def contrast_table(rows):
+    def cell(r, m, fmt):
+        if r[f"{m}_difference"] is None:
+            return "-"
+        lo, hi = r[f"{m}_difference_ci"]
+        return f"{format(r[f'{m}_difference'], fmt)} [{format(lo, fmt)}, {format(hi, fmt)}]"
+
+    lines = ["| condition | arm | iter | minus | constraint score | tokens | self-sim | distinct-2 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        minus = r["minus_arm"] if r["minus_condition"] == r["condition"] else f"{r['arm']} under {r['minus_condition']}"
+        lines.append(f"| {r['condition']} | {r['arm']} | {r['iteration']} | {minus} | {cell(r, 'constraint', '+.3f')} | "
+                     f"{cell(r, 'mean_tokens', '+.1f')} | {cell(r, 'self_similarity', '+.3f')} | {cell(r, 'distinct_2', '+.3f')} |")
+    return "\n".join(lines)
 
 
 def _f(value, fmt):
@@ -201,7 +261,7 @@ def write_page(path, block):
 
 
 def main(folder=HERE, embedder=PACKAGED_EMBEDDER, threshold=DEFAULT_THRESHOLD, bootstrap=10000):
-    """Recompute results.json, the table in RESULTS.md and plot.png from the committed files under --folder.
+    """Recompute results.json, contrasts.json, the tables in RESULTS.md and plot.png from the committed files under --folder.
 
     Args:
         folder: the experiment's folder (holds data/, RESULTS.md; gets results.json, plot.png)
@@ -209,14 +269,20 @@ def main(folder=HERE, embedder=PACKAGED_EMBEDDER, threshold=DEFAULT_THRESHOLD, b
         threshold: similarity at and above which a trained pair counts as near-duplicate (overconfident.py's default)
         bootstrap: resamples of each bootstrap interval (seed 0, as evaluate.py)
     """
-    recs = records(folder, oracle.Embedder(embedder), threshold, bootstrap)
+    embedder = oracle.Embedder(embedder)
+    recs = records(folder, embedder, threshold, bootstrap)
     atomic_write_json(os.path.join(folder, "results.json"), recs)
+    paired = contrasts(folder, recs, embedder, bootstrap)
+    atomic_write_json(os.path.join(folder, "contrasts.json"), paired)
     plot(recs, os.path.join(folder, "plot.png"))
     block = (f"Held-out: {recs[0]['prompts']} prompts x {recs[0]['k']:g} answers, the same for every model. "
-             f"Wall time so far: {wall_time(folder)}.\n\n![constraint score per iteration](plot.png)\n\n{table(recs)}")
+             f"Wall time so far: {wall_time(folder)}.\n\n![constraint score per iteration](plot.png)\n\n{table(recs)}\n\n"
+             f"Paired differences over the same held-out prompts (contrasts.json): each arm minus SPPO under the same oracle, "
+             f"and each arm under the overconfident oracle minus itself under the clean one; every cell a mean difference "
+             f"over prompts with its paired 95% bootstrap interval.\n\n{contrast_table(paired)}")
     write_page(os.path.join(folder, "RESULTS.md"), block)
-    print(f"results: {len(recs)} records ({len(recs) - 1} trained models) -> {os.path.join(folder, 'results.json')}, "
-          f"RESULTS.md, plot.png")
+    print(f"results: {len(recs)} records ({len(recs) - 1} trained models), {len(paired)} contrasts -> "
+          f"{os.path.join(folder, 'results.json')}, contrasts.json, RESULTS.md, plot.png")
 
 
 if __name__ == "__main__":
