@@ -186,16 +186,20 @@ def test_contrasts_pair_prompts_within_an_oracle_and_across_oracles(models, tmp_
     _heldout(data / "clean" / "sppo" / "iter1" / "heldout.jsonl", [["hi", "Hi"], ["a, b", "a, b"]], constraints)  # 0.25
     _heldout(data / "clean" / "sspo" / "iter1" / "heldout.jsonl", [["hi", "hi"], ["a b", "a, b"]], constraints)  # 0.75
     _heldout(data / "overconfident" / "sppo" / "iter1" / "heldout.jsonl", [["Hi", "Hi"], ["a b", "a b"]], constraints)  # 0.5
+    _heldout(data / "clean" / "sspo_gate" / "iter1" / "heldout.jsonl", [["Hi", "Hi"], ["a b", "a b"]], constraints)  # 0.5
     results.main(folder=str(tmp_path), embedder=models["embedder"], bootstrap=200)
     rows = json.loads((tmp_path / "contrasts.json").read_text())
     got = {(r["condition"], r["arm"], r["minus_condition"], r["minus_arm"]): r for r in rows}
-    assert set(got) == {("clean", "sspo", "clean", "sppo"), ("overconfident", "sppo", "clean", "sppo")}
+    assert set(got) == {("clean", "sspo", "clean", "sppo"), ("overconfident", "sppo", "clean", "sppo"),
+                        ("clean", "sspo_gate", "clean", "sppo"), ("clean", "sspo_gate", "clean", "sspo")}
+    assert got["clean", "sspo_gate", "clean", "sspo"]["constraint_difference"] == pytest.approx(-0.25)
     within, across = got["clean", "sspo", "clean", "sppo"], got["overconfident", "sppo", "clean", "sppo"]
     assert within["constraint_difference"] == pytest.approx(0.5) and across["constraint_difference"] == pytest.approx(0.25)
     lo, hi = within["constraint_difference_ci"]  # per prompt: +0.5 and +0.5, so every resample gives +0.5
     assert lo == pytest.approx(0.5) and hi == pytest.approx(0.5) and within["mean_tokens_difference"] == pytest.approx(0.0)
     page = (tmp_path / "RESULTS.md").read_text()
     assert "| clean | sspo | 1 | sppo | +0.500 [+0.500, +0.500] |" in page
+    assert "| clean | sspo_gate | 1 | sspo | -0.250" in page
     assert "| overconfident | sppo | 1 | sppo under clean | +0.250" in page
 
 

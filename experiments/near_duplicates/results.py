@@ -25,8 +25,9 @@ contrasts.json: paired differences over the same held-out prompts, each a record
 minus_condition, minus_arm, constraint_difference, and the same for mean_tokens, self_similarity and distinct_2
 (each X_difference the mean over prompts of the per-prompt difference, X_difference_ci its 95% paired bootstrap
 interval over prompts)}: every arm minus sppo under the same
-oracle and iteration (does the loss matter?), and every arm under each other oracle minus the same arm under the
-clean one (does the oracle's noise matter?). RESULTS.md shows them as a second table.
+oracle and iteration (does the loss matter?), each ablation (sspo_gate, sspo_rep) minus sspo (what dropping one
+half of S-SPPO changes), and every arm under each other oracle minus the same arm under the clean one (does the
+oracle's noise matter?). RESULTS.md shows them as a second table.
 Wall time: the sum of wall_time.jsonl's lines (run.sh writes one per iterate.sh call).
 """
 import glob
@@ -45,6 +46,7 @@ from overconfident import DEFAULT_THRESHOLD  # noqa: E402
 
 CONDITIONS = ("clean", "overconfident", "random")  # drawn in this order; others after, by name
 ARMS = ("sspo", "sppo", "dpo", "sspo_gate", "sspo_rep")
+ABLATIONS = ("sspo_gate", "sspo_rep")  # S-SPPO without repulsion, without gating: also compared with sspo
 BEGIN, END = "<!-- results:begin (written by results.py) -->", "<!-- results:end -->"
 PAGE = f"""# Near-duplicate pairs: SPPO vs S-SPPO vs DPO, clean and overconfident oracle (issue 13)
 
@@ -155,6 +157,7 @@ def contrasts(folder, recs, embedder, bootstrap):
 
     out = []
     for key, minus in [(k, (k[0], "sppo", k[2])) for k in by_key if k[1] != "sppo"] + \
+                      [(k, (k[0], "sspo", k[2])) for k in by_key if k[1] in ABLATIONS] + \
                       [(k, ("clean", k[1], k[2])) for k in by_key if k[0] != "clean"]:
         if minus not in by_key:
             continue
