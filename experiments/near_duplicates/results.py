@@ -281,8 +281,8 @@ def main(folder=HERE, embedder=PACKAGED_EMBEDDER, threshold=DEFAULT_THRESHOLD, b
     block = (f"Held-out: {recs[0]['prompts']} prompts x {recs[0]['k']:g} answers, the same for every model. "
              f"Wall time so far: {wall_time(folder)}.\n\n![constraint score per iteration](plot.png)\n\n{table(recs)}\n\n"
              f"Paired differences over the same held-out prompts (contrasts.json): each arm minus SPPO under the same oracle, "
-             f"and each arm under the overconfident oracle minus itself under the clean one; every cell a mean difference "
-             f"over prompts with its paired 95% bootstrap interval.\n\n{contrast_table(paired)}")
+             f"each ablation minus S-SPPO, and each arm under the overconfident oracle minus itself under the clean one; "
+             f"every cell a mean difference over prompts with its paired 95% bootstrap interval.\n\n{contrast_table(paired)}")
     write_page(os.path.join(folder, "RESULTS.md"), block)
     print(f"results: {len(recs)} records ({len(recs) - 1} trained models), {len(paired)} contrasts -> "
           f"{os.path.join(folder, 'results.json')}, contrasts.json, RESULTS.md, plot.png")
