@@ -295,11 +295,44 @@ def tree_mask(branch):
 
 # ================================================================================= the model
 
+class TokenLogProbs(torch.autograd.Function):
+    """log_softmax(logits)[row, target] of each row, in fp32 (softcap: of softcap * tanh(logits / softcap), as
+    Gemma-2's own forward caps its logits). The same numbers as logits.log_softmax(-1).gather(...) for a
+    fraction of the memory traffic: one [rows x vocab] buffer, exp(logits - max), is made in the forward and
+    kept, and the backward, g * (onehot(target) - softmax), is written into it in place (autograd would
+    allocate several such tensors: a softmax, a scattered one-hot, their sum). Each rows x vocab allocation
+    is fresh memory from the kernel on a CPU, so this is a quarter of sspo.py's step time there. The
+    backward runs once (no retain_graph), which SequenceScorer never needs."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, softcap):
+        z, cap = logits.float(), None
+        if softcap:
+            t = torch.tanh(z / softcap)
+            z, cap = softcap * t, t.mul_(t).neg_().add_(1)  # d(softcap * tanh(x / softcap)) / dx = 1 - tanh^2
+        top = z.amax(-1, keepdim=True)
+        picked = z.gather(-1, targets[:, None]) - top
+        e = (z - top).exp_()
+        total = e.sum(-1, keepdim=True)
+        ctx.save_for_backward(e, total, targets, cap)
+        ctx.dtype, ctx.used = logits.dtype, False
+        return (picked - total.log()).squeeze(-1)  # z[target] - logsumexp(z)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.used:
+            raise RuntimeError("TokenLogProbs' backward overwrites its saved buffer: it cannot run twice")
+        ctx.used = True
+        e, total, targets, cap = ctx.saved_tensors
+        g = e.mul_(-grad[:, None] / total)  # -g * softmax, in place
+        g.scatter_add_(-1, targets[:, None], grad[:, None])
+        if cap is not None:
+            g.mul_(cap)
+        return g.to(ctx.dtype), None, None
+
+
 def _chunk_logps(lm_head, hidden, targets, softcap):
-    logits = lm_head(hidden).float()
-    if softcap:  # Gemma-2 style final logit soft-capping, as the model's own forward applies it
-        logits = softcap * torch.tanh(logits / softcap)
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)
+    return TokenLogProbs.apply(lm_head(hidden), targets, softcap)
 
 
 class SequenceScorer(torch.nn.Module):
@@ -311,13 +344,16 @@ class SequenceScorer(torch.nn.Module):
     runs on response positions only, `chunk` rows at a time, so no full-vocabulary logits tensor for
     the batch ever exists: with several chunks each is recomputed in the backward pass; a batch that
     fits in one keeps its logits for the backward, which starts right after them (the same peak
-    memory as recomputing, without the second projection). Wrapping the model in this module lets
-    accelerate (DDP, FSDP, DeepSpeed) see one forward.
+    memory as recomputing, without the second projection). chunk None: as many rows as make
+    CHUNK_LOGITS logits, and at least 1024 (a small vocabulary gets longer chunks, so fewer batches
+    recompute). Wrapping the model in this module lets accelerate (DDP, FSDP, DeepSpeed) see one forward.
     """
+    CHUNK_LOGITS = 2 ** 26  # 256 MiB of fp32 logits: 1024 rows of a 64k vocabulary
 
-    def __init__(self, model, chunk=1024):
+    def __init__(self, model, chunk=None):
         super().__init__()
-        self.model, self.chunk = model, chunk
+        vocab = getattr(model.config.get_text_config(), "vocab_size", None) or 1
+        self.model, self.chunk = model, chunk or max(1024, self.CHUNK_LOGITS // vocab)
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
 
     # What engines look for on the module they wrap: FSDP re-ties embeddings after meta-device loading,
@@ -488,7 +524,8 @@ def check_flags(c):
          f"--lr_schedule must be linear, cosine or constant, got {c['lr_schedule']!r}"),
         (c["mixed_precision"] in (None, "no", "bf16", "fp16"),
          f"--mixed_precision must be no, bf16 or fp16, got {c['mixed_precision']!r}"),
-        (integer(c["logits_chunk"], 1), f"--logits_chunk must be an integer >= 1, got {c['logits_chunk']!r}"),
+        (c["logits_chunk"] is None or integer(c["logits_chunk"], 1),
+         f"--logits_chunk must be an integer >= 1 or left out (auto), got {c['logits_chunk']!r}"),
         (integer(c["lora_r"], 0), f"--lora_r must be an integer >= 0 (0: full fine-tuning), got {c['lora_r']!r}"),
         (c["share_prompt"] in (None, True, False),
          f"--share_prompt must be True, False or left out (auto), got {c['share_prompt']!r}"),
@@ -816,7 +853,7 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
          tau_low=0.6, tau_high=0.9, rep_weight=None, rep_margin=0.3, lr=5e-7, epochs=1, batch_size=8,
          grad_accum=1, max_length=1024, seed=0, resume=False, save_every=100, optimizer="rmsprop",
          warmup_ratio=0.1, lr_schedule="linear", max_grad_norm=1.0, weight_decay=0.0, mixed_precision=None,
-         gradient_checkpointing=False, logits_chunk=1024, group_by_length=True, keep_checkpoint=False,
+         gradient_checkpointing=False, logits_chunk=None, group_by_length=True, keep_checkpoint=False,
          lora_r=0, lora_alpha=16, lora_dropout=0.0, lora_target_modules="all-linear", merge=False, report_to="none",
          share_prompt=None, attn_implementation=None):
     """Train one S-SPPO iteration: the policy starts as --model, which is also the reference pi_t.
@@ -846,7 +883,7 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
       weight_decay: decoupled for adamw, L2 for rmsprop
       mixed_precision: no | bf16 | fp16; default: what `accelerate launch` / its config says (else fp32)
       gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% slower)
-      logits_chunk: response positions per chunk of the LM head (memory of the vocabulary projection)
+      logits_chunk: response positions per chunk of the LM head (its memory: ~8-10 bytes x chunk x vocab); None: 2^26 / vocab, at least 1024 (the value used: logits_chunk_used in run_config.json)
       group_by_length: batch pairs of similar length together (less padding; the order stays seeded); --nogroup_by_length: off
       keep_checkpoint: keep the last checkpoint (model + optimizer) after the final model is saved
       lora_r: LoRA rank (peft); 0 trains every weight
@@ -881,6 +918,7 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
     examples, stats["truncated"] = tokenize_pairs(pairs, tokenizer, max_length)
     pad_id = tokenizer.pad_token_id
     scorer = SequenceScorer(policy, chunk=logits_chunk)
+    stats["logits_chunk_used"] = scorer.chunk
     scorer, opt = accelerator.prepare(scorer, make_optimizer(scorer, optimizer, lr, weight_decay))
     share = stats["share_prompt_used"] = choose_prompt_layout(accelerator, scorer, policy.config, examples, pad_id,
                                                               share_prompt, max_length, before)

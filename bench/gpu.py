@@ -95,7 +95,7 @@ def examples_for(shape, seed=0):
 
 
 def train(accelerator, model, examples, pad_id, shape, device, gradient_checkpointing, share_prompt=False, beta=1e-3,
-          logits_chunk=1024):
+          logits_chunk=None):
     """The reference pass and `steps` of sspo.py's optimizer steps (sspo.optimizer_step); returns timings, memory, loss."""
     model.config.use_cache = False
     sspo.disable_dropout(model)

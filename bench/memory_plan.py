@@ -56,9 +56,11 @@ kv = num_key_value_heads x head_dim:
   its input (2h bytes, 4h where the residual stream is fp32: fp32 weights under autocast) and one layer's
   activations are rebuilt at a time: t x (L x 2h + A_layer). Both add t x 16h for the final norm, the last
   hidden state, the response rows copied out of it and the pooled-mask product.
-The response-only LM head (sspo.py's SequenceScorer): logits_chunk rows at a time, recomputed in
-the backward pass. Peak: the chunk's bf16 logits 2cV and their fp32 copy 4cV, and in the backward their
-gradients as well: 12 c V bytes, c = min(--logits_chunk, t). Not counted: the one-off check_scorer at
+The response-only LM head (sspo.py's SequenceScorer and TokenLogProbs): logits_chunk rows at a time,
+recomputed in the backward pass when there are several. Peak, in the forward: the chunk's bf16 logits 2cV,
+their fp32 copy 4cV and exp(logits - max) 4cV, which is kept and becomes the gradient in place (its bf16
+copy, 2cV, comes after the other two are freed): 10 c V bytes, c = min(--logits_chunk, t), where the
+default --logits_chunk is max(1024, 2^26 / V). Not counted: the one-off check_scorer at
 start-up (full logits of one pair, 2T x V x 10 bytes, before any activation exists), the CUDA context,
 fragmentation, NCCL's own buffers.
 """
@@ -204,11 +206,12 @@ def activation_bytes(shape, tokens, checkpointing, residual_bytes=2, lora_dropou
     return tokens * (shape.layers * per_layer + extra)
 
 
-def logits_bytes(shape, tokens, logits_chunk):
-    return 12 * min(logits_chunk, tokens) * shape.vocab
+def logits_bytes(shape, tokens, logits_chunk=None):
+    chunk = logits_chunk or max(1024, 2 ** 26 // shape.vocab)  # sspo.SequenceScorer's default
+    return 10 * min(chunk, tokens) * shape.vocab
 
 
-def plan(config, gpus, gpu_mem, max_length, batch_size=1, lora_r=16, optimizer="rmsprop", logits_chunk=1024,
+def plan(config, gpus, gpu_mem, max_length, batch_size=1, lora_r=16, optimizer="rmsprop", logits_chunk=None,
          lora_dropout=0.0, grad_accum=1):
     """One row (a dict, sizes in bytes) per strategy."""
     shape = Shape(config)
@@ -254,7 +257,7 @@ def table(result, gpu_mem):
 
 
 def main(model="llama-3-8b", gpus=8, gpu_mem=80, max_length=1024, batch_size=1, grad_accum=1, lora_r=16,
-         lora_dropout=0.0, optimizer="rmsprop", logits_chunk=1024, format="table"):
+         lora_dropout=0.0, optimizer="rmsprop", logits_chunk=None, format="table"):
     """Print the estimated per-GPU memory (GiB) of each strategy and whether it fits.
 
     Args:
@@ -267,7 +270,7 @@ def main(model="llama-3-8b", gpus=8, gpu_mem=80, max_length=1024, batch_size=1, 
       lora_r: LoRA rank for the LoRA row
       lora_dropout: LoRA dropout of the LoRA row (> 0 keeps a dropped-out copy of each adapted input)
       optimizer: rmsprop (1 state per parameter, as SPPO) | adamw (2)
-      logits_chunk: sspo.py's --logits_chunk
+      logits_chunk: sspo.py's --logits_chunk (left out: its default, max(1024, 2^26 / vocab))
       format: table (markdown) | json
     """
     checks = [(isinstance(gpus, int) and gpus >= 1, f"--gpus must be an integer >= 1, got {gpus!r}"),
@@ -278,7 +281,8 @@ def main(model="llama-3-8b", gpus=8, gpu_mem=80, max_length=1024, batch_size=1, 
               (isinstance(lora_r, int) and lora_r >= 1, f"--lora_r must be an integer >= 1, got {lora_r!r}"),
               (isinstance(lora_dropout, (int, float)) and 0 <= lora_dropout < 1, f"--lora_dropout must lie in [0, 1), got {lora_dropout!r}"),
               (optimizer in OPTIMIZER_STATES, f"--optimizer must be rmsprop or adamw, got {optimizer!r}"),
-              (isinstance(logits_chunk, int) and logits_chunk >= 1, f"--logits_chunk must be an integer >= 1, got {logits_chunk!r}"),
+              (logits_chunk is None or isinstance(logits_chunk, int) and logits_chunk >= 1,
+               f"--logits_chunk must be an integer >= 1 or left out (sspo.py's default), got {logits_chunk!r}"),
               (format in ("table", "json"), f"--format must be table or json, got {format!r}")]
     for ok, message in checks:
         if not ok:

@@ -89,8 +89,9 @@ def test_activation_and_logits_formulas():
     tokens = 2 * 2 * 1024
     assert mp.activation_bytes(shape, tokens, False) == tokens * (layers * per_layer + 16 * h)
     assert mp.activation_bytes(shape, tokens, True) == tokens * (layers * 2 * h + per_layer + 16 * h)
-    assert mp.logits_bytes(shape, tokens, 1024) == 12 * 1024 * v
-    assert mp.logits_bytes(shape, 100, 1024) == 12 * 100 * v  # a chunk is never longer than the tokens
+    assert mp.logits_bytes(shape, tokens, 1024) == 10 * 1024 * v
+    assert mp.logits_bytes(shape, 100, 1024) == 10 * 100 * v  # a chunk is never longer than the tokens
+    assert mp.logits_bytes(shape, tokens) == 10 * min(max(1024, 2 ** 26 // v), tokens) * v  # sspo.py's default chunk
 
 
 def test_activation_formula_matches_what_autograd_saves_in_a_real_decoder_layer():

@@ -173,6 +173,46 @@ def test_fast_logps_equal_the_naive_full_logits(tiny_model_dir, chunk):
     assert torch.allclose(pooled[0], hidden[p:p + c].mean(0), atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype,softcap", [(torch.float32, None), (torch.float32, 3.0), (torch.bfloat16, None)])
+def test_token_logprobs_equal_autograd_log_softmax(dtype, softcap):
+    """TokenLogProbs' values and its in-place backward against log_softmax + gather through autograd."""
+    torch.manual_seed(0)
+    base = (4 * torch.randn(9, 50)).to(dtype)
+    base[0, 3] = -float("inf")  # a masked vocabulary entry
+    targets = torch.randint(0, 50, (9,))
+    grad = torch.randn(9)
+    out = {}
+    for name in ("fused", "autograd"):
+        logits = base.clone().requires_grad_()
+        if name == "fused":
+            logps = sspo.TokenLogProbs.apply(logits, targets, softcap)
+        else:
+            z = logits.float() if softcap is None else softcap * torch.tanh(logits.float() / softcap)
+            logps = z.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+        logps.backward(grad)
+        out[name] = logps.detach(), logits.grad
+    assert out["fused"][0].dtype == torch.float32
+    assert torch.allclose(out["fused"][0], out["autograd"][0], atol=1e-5, rtol=1e-5)
+    assert out["fused"][1].dtype == dtype
+    assert torch.allclose(out["fused"][1].float(), out["autograd"][1].float(), atol=1e-5 if dtype == torch.float32 else 1e-2)
+    logits = base.float().requires_grad_()  # its backward consumes its buffer: a second one is an error, not garbage
+    logps = sspo.TokenLogProbs.apply(logits, targets, None).sum()
+    logps.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="cannot run twice"):
+        logps.backward()
+
+
+def test_logits_chunk_by_vocabulary(tiny_model_dir):
+    """The default chunk holds 2^26 logits, and never fewer than 1024 rows."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert sspo.SequenceScorer(model).chunk == 2 ** 26 // model.config.vocab_size
+    assert sspo.SequenceScorer(model, chunk=7).chunk == 7
+    model.config.vocab_size = 128256  # a Llama-3 vocabulary: 1024 rows (523 would fill 2^26)
+    assert sspo.SequenceScorer(model).chunk == 1024
+
+
 def _random_examples(tokenizer, n, seed):
     rng = random.Random(seed)
     pairs = [dict(prompt=" ".join(rng.choices(WORDS, k=rng.randint(2, 12))), chosen=" ".join(rng.choices(WORDS, k=rng.randint(1, 20))),
