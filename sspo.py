@@ -653,6 +653,29 @@ def make_accelerator(mixed_precision, output_dir, grad_accum, report_to):
                        gradient_accumulation_steps=grad_accum, log_with=None if report_to == "none" else report_to)
 
 
+MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "LD_PRELOAD")
+
+
+def reuse_freed_memory():
+    """Training on a CPU: make glibc's malloc reuse freed memory for large tensors instead of mapping fresh
+    pages for each (mmap), which the kernel then faults in and zero-fills page by page at every step. The
+    same as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647 in the environment: no mmap, and the
+    freed top of the heap kept. It changes no number, only where the bytes live; peak RSS stays the same
+    (bench/RESULTS.md). A user's own MALLOC_* settings or an LD_PRELOAD'ed allocator are left alone;
+    other C libraries (macOS, musl) are left as they are. Returns whether it was applied."""
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc" or any(k in os.environ for k in MALLOC_ENV):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+
+
 def load_policy(model, accelerator, gradient_checkpointing, attn_implementation, lora):
     """pi_theta as loaded (it is also pi_t: the reference is its log-probs before the first update) and its tokenizer.
 
@@ -911,6 +934,8 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
     from tqdm.auto import tqdm
 
     accelerator = make_accelerator(mixed_precision, output_dir, grad_accum, report_to)
+    if accelerator.device.type == "cpu":
+        stats["reused_freed_memory"] = reuse_freed_memory()
     main_process, world = accelerator.is_main_process, accelerator.num_processes
     set_seed(seed)
     policy, tokenizer = load_policy(model, accelerator, gradient_checkpointing, attn_implementation,

@@ -276,6 +276,8 @@ def run_child(which, work, out, cfg, threads):
                HF_DATASETS_CACHE=os.path.join(work, "datasets-cache"), WANDB_DISABLED="true")
     with open(out + ".cfg.json", "w") as f:
         json.dump(cfg, f)
+    if which == "trl_malloc":  # what sspo.reuse_freed_memory does to sspo.py's own process, through the environment
+        env.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="2147483647")
     cmd = [sys.executable, os.path.abspath(__file__), "--child", which, "--work", work, "--child_out", out,
            "--child_cfg", out + ".cfg.json", "--threads", str(threads)]
     load_before = os.getloadavg()
@@ -346,7 +348,7 @@ def markdown(report):
         f"N = {report['work']['matmul_params'] / 1e6:.1f}M weights in matmuls (LM head included, embeddings and "
         "attention scores not); tokens computed: the real tokens, less one prompt per pair for sspo.py with "
         f"the prompt shared ({report['work'].get('prompt_once_tokens', 0)} of {report['work']['real_tokens']}). "
-        "Real tokens/s counts every pair's prompt twice for all three, as the work is the same. "
+        "Real tokens/s counts every pair's prompt twice in every column, as the work is the same. "
         "Train time runs from the first backbone forward to the end of the last "
         "optimizer step (sspo.py's reference pass included); wall is the whole process; RSS is ru_maxrss.",
     ]
@@ -366,6 +368,8 @@ def table(s, fmt):
     if apart:
         cols += [("sspo_apart", "sspo.py, prompt apart"), ("ratio_sspo_apart_over_trl", "apart / TRL"),
                  ("ratio_sspo_over_sspo_apart", "shared / apart")]
+    if "trl_malloc" in s:
+        cols += [("trl_malloc", "TRL, sspo.py's malloc settings"), ("ratio_sspo_over_trl_malloc", "sspo.py / that")]
     rows = [("real tokens/s (train time)", "tokens_per_s", "{:.0f}"), ("train time, s", "train_s", "{:.1f}"),
             ("whole-process wall, s", "wall_s", "{:.1f}"), ("peak RSS, MiB", "peak_rss_mib", "{:.0f}"),
             ("share of fp32 matmul rate", "matmul_share", "{:.0%}"), ("system share of CPU time", "system_cpu_share", "{:.0%}")]
@@ -390,7 +394,7 @@ def write_markdown(path, block):
 
 
 def main(repeats=3, prompts=64, batch_size=4, max_length=512, beta=1e-3, lr=5e-7, epochs=1, threads=2,
-         trl_precompute=False, trl_sampling="sequential", ablation=True, work="/tmp/sspo-bench-vs-trl",
+         trl_precompute=False, trl_sampling="sequential", ablation=True, trl_malloc=True, work="/tmp/sspo-bench-vs-trl",
          out="bench/results/vs_trl.json", markdown_file="bench/RESULTS.md",
          child=None, child_out=None, child_cfg=None):
     """Run sspo.py and TRL's DPOTrainer alternately on the same generated work; print and save the comparison.
@@ -407,6 +411,8 @@ def main(repeats=3, prompts=64, batch_size=4, max_length=512, beta=1e-3, lr=5e-7
       trl_precompute: TRL's precompute_ref_log_probs (False: its default, a second model in memory)
       trl_sampling: TRL's train_sampling_strategy: sequential (lets the step-0 data check run) | random | group_by_length
       ablation: also run sspo.py with --share_prompt False (chosen and rejected in rows of their own): the prompt-sharing lever, measured
+      trl_malloc: also run TRL with the malloc settings sspo.py gives its own process on a CPU (sspo.reuse_freed_memory:
+        MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647), so the allocator's share of the ratio is measured
       work: scratch folder (rebuilt)
       out: the JSON report ('' for none)
       markdown_file: the RESULTS.md whose 'sspo.py vs TRL DPOTrainer' section is replaced ('' for none)
@@ -420,7 +426,7 @@ def main(repeats=3, prompts=64, batch_size=4, max_length=512, beta=1e-3, lr=5e-7
         torch.set_num_threads(threads)
         with open(child_cfg) as f:
             cfg = json.load(f)
-        if child == "trl":
+        if child in ("trl", "trl_malloc"):
             record = child_trl(work, child_out, cfg)
         else:  # sspo: its default (the prompt shared); sspo_apart: --share_prompt False
             record = child_sspo(work, child_out, cfg, share_prompt=False if child == "sspo_apart" else None)
@@ -451,7 +457,7 @@ def main(repeats=3, prompts=64, batch_size=4, max_length=512, beta=1e-3, lr=5e-7
                max_length=max_length, trl_precompute=trl_precompute, trl_sampling=trl_sampling)
     os.makedirs(os.path.join(work, "runs"), exist_ok=True)
     runs = []
-    systems = ["sspo", "trl"] + (["sspo_apart"] if ablation else [])
+    systems = ["sspo", "trl"] + (["sspo_apart"] if ablation else []) + (["trl_malloc"] if trl_malloc else [])
     for r in range(repeats):
         for which in systems[r % len(systems):] + systems[:r % len(systems)]:  # each goes first in turn
             run_out = os.path.join(work, "runs", f"{which}-{r}")
@@ -466,7 +472,7 @@ def main(repeats=3, prompts=64, batch_size=4, max_length=512, beta=1e-3, lr=5e-7
                   f"{rec['tokens_per_s']:6.0f} real tok/s ({rec['matmul_share']:.0%} of matmul rate)  "
                   f"peak RSS {rec['peak_rss_mib']:5.0f} MiB  steps {rec['optimizer_steps']}  "
                   f"first-step loss {rec['first_step_loss']:.6g}  load {rec['load_before'][0]:.1f}", flush=True)
-            if r > 0 or which == "trl":  # keep sspo-0 for the step-0 check, drop the other models
+            if r > 0 or which != "sspo":  # keep sspo-0 for the step-0 check, drop the other models
                 shutil.rmtree(run_out, ignore_errors=True)
 
     rate_after = matmul_rate(threads)
@@ -486,6 +492,8 @@ def main(repeats=3, prompts=64, batch_size=4, max_length=512, beta=1e-3, lr=5e-7
     if ablation:
         summary["ratio_sspo_apart_over_trl"] = ratio("sspo_apart", "trl")
         summary["ratio_sspo_over_sspo_apart"] = ratio("sspo", "sspo_apart")
+    if trl_malloc:
+        summary["ratio_sspo_over_trl_malloc"] = ratio("sspo", "trl_malloc")
     trl_first = next(x for x in runs if x["system"] == "trl")["first_step"]
     check = first_batch_check(work, cfg, built, trl_first)
     loads = [x["load_before"][0] for x in runs] + [x["load_after"][0] for x in runs]

@@ -99,5 +99,9 @@ def test_vs_trl_table_shows_the_prompt_sharing_ablation():
     lines = vs.table(s, fmt)
     assert lines[0].count("|") == 8 and "prompt apart" in lines[0]
     assert lines[2] == "| real tokens/s (train time) | 800 | 400 | 2.00 | 700 | 2.00 | 2.00 |"
-    del s["sspo_apart"], s["ratio_sspo_apart_over_trl"], s["ratio_sspo_over_sspo_apart"]
-    assert vs.table(s, fmt)[0].count("|") == 5  # without the ablation: three columns
+    s.update(trl_malloc=rec(500), ratio_sspo_over_trl_malloc=dict(ratio, tokens_per_s=one(1.6)))
+    lines = vs.table(s, fmt)  # TRL with sspo.py's malloc settings: two more columns
+    assert lines[0].count("|") == 10 and "malloc" in lines[0]
+    assert lines[2].endswith("| 700 | 2.00 | 2.00 | 500 | 1.60 |")
+    del s["sspo_apart"], s["ratio_sspo_apart_over_trl"], s["ratio_sspo_over_sspo_apart"], s["trl_malloc"]
+    assert vs.table(s, fmt)[0].count("|") == 5  # without the ablations: three columns
