@@ -113,6 +113,8 @@ class SlotPool:
     columns move to the left end (`_make_room`), the same shift for every slot.
     """
 
+    SHRINK_AT = 8  # see shrink
+
     def __init__(self, lm, slots, max_new_tokens, pad, longest):
         self.lm, self.slots, self.room, self.pad = lm, slots, max_new_tokens, pad
         self.device = next(lm.parameters()).device
@@ -194,9 +196,10 @@ class SlotPool:
             self.next[slots] = self.pad
 
     def shrink(self):
-        """Once nothing is left to admit and at most half the slots are busy: keep only the busy ones."""
+        """Once nothing is left to admit and an eighth of the slots or more are free: keep only the busy ones
+        (a step's cost grows with its rows; the copy costs about as much as 5-10 steps of the freed rows)."""
         busy = self.busy()
-        if not busy or len(busy) > self.slots // 2:
+        if not busy or self.slots - len(busy) < max(1, self.slots // self.SHRINK_AT):
             return
         rows = torch.tensor(busy, device=self.device)
         self.keys = [k.index_select(0, rows) for k in self.keys]
