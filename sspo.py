@@ -300,9 +300,9 @@ class TokenLogProbs(torch.autograd.Function):
     Gemma-2's own forward caps its logits). The same numbers as logits.log_softmax(-1).gather(...) for a
     fraction of the memory traffic: one [rows x vocab] buffer, exp(logits - max), is made in the forward and
     kept, and the backward, g * (onehot(target) - softmax), is written into it in place (autograd would
-    allocate several such tensors: a softmax, a scattered one-hot, their sum). Each rows x vocab allocation
-    is fresh memory from the kernel on a CPU, so this is a quarter of sspo.py's step time there. The
-    backward runs once (no retain_graph), which SequenceScorer never needs."""
+    allocate several such tensors: a softmax, a scattered one-hot, their sum). On a CPU that made a training
+    step 5% faster, and bench/vs_trl.py's peak memory fell 12% with it and the default chunk (bench/RESULTS.md). The backward runs once (no
+    retain_graph), which SequenceScorer never needs."""
 
     @staticmethod
     def forward(ctx, logits, targets, softcap):
@@ -660,8 +660,9 @@ def reuse_freed_memory():
     """Training on a CPU: make glibc's malloc reuse freed memory for large tensors instead of mapping fresh
     pages for each (mmap), which the kernel then faults in and zero-fills page by page at every step. The
     same as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647 in the environment: no mmap, and the
-    freed top of the heap kept. It changes no number, only where the bytes live; peak RSS stays the same
-    (bench/RESULTS.md). A user's own MALLOC_* settings or an LD_PRELOAD'ed allocator are left alone;
+    freed top of the heap kept. It changes no number, only where the bytes live: freed memory stays with
+    the process (bench/vs_trl.py: sspo.py's peak RSS unchanged, its reference pass 15% faster; TRL's peak
+    grew 19% with the same settings). A user's own MALLOC_* settings or an LD_PRELOAD'ed allocator are left alone;
     other C libraries (macOS, musl) are left as they are. Returns whether it was applied."""
     import ctypes
     import platform
