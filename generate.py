@@ -197,7 +197,7 @@ class SlotPool:
 
     def shrink(self):
         """Once nothing is left to admit and an eighth of the slots or more are free: keep only the busy ones
-        (a step's cost grows with its rows; the copy costs about as much as 5-10 steps of the freed rows)."""
+        (a step's cost grows with its rows; at half, 16 prompts sampled 7% slower: bench/RESULTS.md)."""
         busy = self.busy()
         if not busy or self.slots - len(busy) < max(1, self.slots // self.SHRINK_AT):
             return

@@ -654,6 +654,7 @@ def make_accelerator(mixed_precision, output_dir, grad_accum, report_to):
 
 
 MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "LD_PRELOAD")
+MALLOC_SETTINGS = {"MALLOC_MMAP_MAX_": 0, "MALLOC_TRIM_THRESHOLD_": 2 ** 31 - 1}  # reuse_freed_memory's, as the environment's names
 
 
 def reuse_freed_memory():
@@ -673,8 +674,8 @@ def reuse_freed_memory():
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    option = {"MALLOC_MMAP_MAX_": -4, "MALLOC_TRIM_THRESHOLD_": -1}  # M_MMAP_MAX, M_TRIM_THRESHOLD in glibc's malloc.h
+    return all([bool(libc.mallopt(option[name], value)) for name, value in MALLOC_SETTINGS.items()])
 
 
 def load_policy(model, accelerator, gradient_checkpointing, attn_implementation, lora):

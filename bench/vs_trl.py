@@ -277,7 +277,9 @@ def run_child(which, work, out, cfg, threads):
     with open(out + ".cfg.json", "w") as f:
         json.dump(cfg, f)
     if which == "trl_malloc":  # what sspo.reuse_freed_memory does to sspo.py's own process, through the environment
-        env.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="2147483647")
+        import sspo
+
+        env.update({name: str(value) for name, value in sspo.MALLOC_SETTINGS.items()})
     cmd = [sys.executable, os.path.abspath(__file__), "--child", which, "--work", work, "--child_out", out,
            "--child_cfg", out + ".cfg.json", "--threads", str(threads)]
     load_before = os.getloadavg()
