@@ -322,6 +322,41 @@ def test_the_cli_prints_one_line_and_exits_2(tmp_path):
     assert not (tmp_path / "t.png").exists()
 
 
+def test_loading_pauses_the_collector_and_the_cli_freezes_it_before_exit(tiny_model_dir, tmp_path):
+    """common.gc_paused: the collector off inside (nested too), back on after, even after an error, with what was
+    built frozen; load_causal_lm runs in it; common.cli freezes what is left before exit, after success and error."""
+    import gc
+
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError):
+        with common.gc_paused():
+            assert not gc.isenabled()
+            with common.gc_paused():
+                assert not gc.isenabled()
+            assert not gc.isenabled()  # the inner one leaves the outer's pause alone
+            raise RuntimeError
+    assert gc.isenabled()
+    gc.unfreeze()
+    model, _ = common.load_causal_lm(tiny_model_dir)
+    assert gc.isenabled() and gc.get_freeze_count() > 0 and gc.is_tracked(model)
+    gc.unfreeze()
+    script = tmp_path / "job.py"
+    script.write_text(f"""import atexit, gc, sys
+sys.path.insert(0, {ROOT!r})
+import common
+atexit.register(lambda: print("frozen", gc.get_freeze_count() > 0, "enabled", gc.isenabled()))
+
+def main(fail=False):
+    if fail:
+        raise common.UserError("bad flag")
+
+common.cli(main)
+""")
+    for args, code in (([], 0), (["--fail"], 2)):
+        r = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+        assert r.returncode == code and r.stdout.split() == ["frozen", "True", "enabled", "True"], (r.stdout, r.stderr)
+
+
 # ---------------------------------------------------------------------- models and big inputs
 
 def test_a_damaged_model_folder_is_one_line_and_writes_nothing(uninterrupted, tiny_model_dir, tmp_path):

@@ -1,4 +1,5 @@
 """sspo.py beyond the loss: data, tokenisation, the scorer, real training runs, DDP, resume, bad input."""
+import contextlib
 import json
 import math
 import os
@@ -280,6 +281,37 @@ def test_check_scorer_falls_back_when_the_model_ignores_the_layout(tiny_model_di
     assert sspo.check_scorer(no_positions, *args, share_prompt=True) is False
     with pytest.raises(common.UserError, match="--share_prompt False"):
         sspo.check_scorer(no_positions, *args, share_prompt=True, strict=True)
+
+
+def test_layout_check_runs_on_cut_pairs_and_still_catches_a_wrong_layout(tiny_model_dir):
+    """choose_prompt_layout checks the two shortest pairs cut to CHECK_TOKENS a part: the rows it runs are that short,
+    and a model that ignores the positions is still caught (auto: rows apart; asked for: a clear error)."""
+    import types
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = common.load_tokenizer(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    scorer = sspo.SequenceScorer(model)
+    rng = random.Random(5)
+    long = lambda k: " ".join(rng.choices(WORDS, k=k))  # noqa: E731
+    pairs = [dict(prompt=long(60), chosen=long(80), rejected=long(90), chosen_winrate=1, rejected_winrate=0, gate=0)
+             for _ in range(3)]
+    examples = sspo.tokenize_pairs(pairs, tokenizer, 1024)[0]
+    assert min(len(e[k]) for e in examples for k in ("prompt_ids", "chosen_ids", "rejected_ids")) > sspo.CHECK_TOKENS
+    accelerator = types.SimpleNamespace(autocast=contextlib.nullcontext, device="cpu", mixed_precision="no")
+    widths = []
+
+    def seen(**kw):
+        widths.append(kw["input_ids"].shape[1])
+        return scorer(**kw)
+
+    args = (model.config, examples, tokenizer.pad_token_id)
+    assert sspo.choose_prompt_layout(accelerator, seen, *args, None, 1024, {}) is True
+    assert max(widths) == 3 * sspo.CHECK_TOKENS  # the shared row: prompt, chosen and rejected, each cut
+    no_positions = lambda **kw: scorer(**{k: v for k, v in kw.items() if k != "position_ids"})  # noqa: E731
+    assert sspo.choose_prompt_layout(accelerator, no_positions, *args, None, 1024, {}) is False
+    with pytest.raises(common.UserError, match="--share_prompt False"):
+        sspo.choose_prompt_layout(accelerator, no_positions, *args, True, 1024, {})
 
 
 def test_attn_implementation_reaches_the_model_and_a_wrong_one_is_one_line(tiny_model_dir, tmp_path):
