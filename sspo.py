@@ -731,8 +731,8 @@ def choose_prompt_layout(accelerator, scorer, config, examples, pad_id, share_pr
     else:
         wanted, must = share_prompt, True
     shortest = sorted(examples, key=lambda e: len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]))[:2]
-    # their first CHECK_TOKENS of each part: the check's full-vocabulary logits stay small, and a wrong head,
-    # mask or position shows on a few tokens as on all (on bench/vs_trl.py's work: 0.69 -> 0.1 s a run)
+    # their first CHECK_TOKENS of each part: the check's full-vocabulary logits stay small (bench/vs_trl.py's work:
+    # 0.77 -> 0.27 s a run); a wrong head, mask or restart of positions already changes those tokens' log-probs
     cut = [{k: e[k][:CHECK_TOKENS] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for e in shortest]
     with accelerator.autocast():
         return check_scorer(scorer, cut, pad_id, accelerator.device, config.model_type, wanted, strict=must,
