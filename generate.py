@@ -16,8 +16,10 @@ The manual is `main`'s docstring (`python generate.py --help`). How it works, an
   gathers the results and writes them in input order, one flushed line per prompt (JsonlAppender).
 """
 import hashlib
+import inspect
 import itertools
 import time
+import weakref
 
 import torch
 
@@ -27,6 +29,12 @@ from common import (PACKAGED_MODEL, JsonlAppender, UserError, check_same_run, cl
                     load_causal_lm, prompt_ids, read_rows, resolve_model, takes_4d_mask)
 
 CHUNK_PROMPTS = 64  # prompts a process samples per written chunk: a kill loses about one chunk a process
+
+
+def cache_argument(lm):
+    """The name under which the model's forward takes a cache: `cache` from transformers 5.2x on, before that
+    `past_key_values` (which newer releases still take, with a warning, until they drop it)."""
+    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
 
 
 def response_seed(seed, prompt_id, j):
@@ -55,6 +63,23 @@ def draw(scores, generators, temperature, top_p):
     return pick.squeeze(-1) if order is None else order.gather(-1, pick).squeeze(-1)
 
 
+def draw_on_device(scores, u, temperature, top_p):
+    """`draw` with the rows' uniforms given as a tensor u (rows,) and no data-dependent branch, so a captured
+    decode step can run it: the nucleus is always cut from the whole sorted vocabulary (draw sorts only the
+    top 256 where they hold it, which picks the same token: the sorted top 256 are the sorted vocabulary's
+    first 256). The same uniform gives the same token as draw's (tests/test_generate.py)."""
+    scores = scores.float()
+    if temperature <= 0:
+        return scores.argmax(-1)
+    probs, order = torch.softmax(scores / temperature, -1), None
+    if top_p < 1:
+        probs, order = probs.sort(-1, descending=True)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
+    cdf = probs.cumsum(-1)
+    pick = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:]).clamp(max=cdf.shape[-1] - 1)
+    return pick.squeeze(-1) if order is None else order.gather(-1, pick).squeeze(-1)
+
+
 class PerRowSampler:
     """A logits processor for HF generate that picks each row's token with `draw` (the row's own stream) and
     leaves it the only finite score, so HF's greedy step (or any warper the model's generation config
@@ -70,6 +95,26 @@ class PerRowSampler:
         return torch.full_like(scores, float("-inf")).scatter_(-1, choice[:, None].to(scores.device), 0.0)
 
 
+def grouped_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' sdpa attention for SlotPool.static_step: one query a row and a 4-D mask. With grouped-query
+    attention the query heads that share a key/value head become that head's rows of queries, so sdpa reads
+    each key and value once; transformers copies them per query head first when a mask is given (repeat_kv:
+    for Llama-3's 32/8 heads, four times the cache's bytes written and read at every layer of every step).
+    The same numbers up to float rounding; anything else goes to transformers' own sdpa."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    b, heads, q, d = query.shape
+    kv = key.shape[1]
+    if q != 1 or heads == kv or attention_mask is None or attention_mask.shape[1] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    out = torch.nn.functional.scaled_dot_product_attention(query.view(b, kv, heads // kv, d), key, value,
+                                                           attn_mask=attention_mask, scale=scaling)
+    return out.reshape(b, heads, 1, d).transpose(1, 2).contiguous(), None
+
+
+GROUPED_DECODE = "sspo_grouped_decode"  # its name among transformers' attention functions
+
+
 class SlotLayer(DynamicLayer):
     """One layer's keys and values, read from and written to its pool's buffers in place: a decode step
     writes the pool's column `col` and attends to the columns before it. DynamicCache instead copies
@@ -77,16 +122,23 @@ class SlotLayer(DynamicLayer):
 
     def __init__(self, pool, index):
         super().__init__()
-        self.pool, self.index, self.is_initialized = pool, index, True
+        self.pool_ref, self.index, self.is_initialized = weakref.ref(pool), index, True  # no cycle: the pool's
+        # buffers go when its sampler lets go of it, not at the next garbage collection
 
     def update(self, key_states, value_states, *args, **kwargs):
-        keys, values, col = self.pool.keys[self.index], self.pool.values[self.index], self.pool.col
+        pool = self.pool_ref()
+        keys, values = pool.keys[self.index], pool.values[self.index]
+        if pool.bound:  # a static step (StepGraphs): the column is a device tensor, the span a fixed bound
+            keys.index_copy_(2, pool.col_t, key_states)
+            values.index_copy_(2, pool.col_t, value_states)
+            return keys[:, :, :pool.bound], values[:, :, :pool.bound]
+        col = pool.col
         keys[:, :, col:col + 1] = key_states
         values[:, :, col:col + 1] = value_states
         return keys[:, :, :col + 1], values[:, :, :col + 1]
 
     def get_seq_length(self):
-        return self.pool.col
+        return self.pool_ref().col
 
 
 def move_columns(buffer, src, dst, n):
@@ -118,9 +170,12 @@ class SlotPool:
     def __init__(self, lm, slots, max_new_tokens, pad, longest):
         self.lm, self.slots, self.room, self.pad = lm, slots, max_new_tokens, pad
         self.device = next(lm.parameters()).device
+        self.cache_argument = cache_argument(lm)
         self.width = longest + 2 * max_new_tokens
         self.keys = self.values = None  # per layer: (slots, kv heads, width, head dim), made at the first admit
         self.col = 0  # the column the next decode step writes
+        self.bound = None  # static_step's: the columns every attention reads (None: up to col)
+        self.col_t = torch.zeros(1, dtype=torch.long, device=self.device)  # col on the device, for static_step
         self.seen = torch.zeros(slots, self.width, dtype=torch.bool, device=self.device)
         self.owner = [None] * slots  # what each slot samples (the caller's key); None: free
         self.start = [0] * slots  # the column of each slot's first prompt token
@@ -142,7 +197,7 @@ class SlotPool:
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         cache = DynamicCache(config=self.lm.config)
         logits = self.lm(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                         cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                         use_cache=True, logits_to_keep=1, **{self.cache_argument: cache}).logits[:, -1]
         if self.keys is None:  # zeros: a masked column must still hold finite numbers (0 * NaN is NaN)
             self.keys = [layer.keys.new_zeros((self.slots, *layer.keys.shape[1:2], self.width, layer.keys.shape[3]))
                          for layer in cache.layers]
@@ -174,7 +229,8 @@ class SlotPool:
         col = max(keep, width)
         for buffer in [*self.keys, *self.values, self.seen[:, None, :, None]]:
             move_columns(buffer, self.col - keep, col - keep, keep)
-        self.seen[:, :col - keep] = False  # what the live slots saw there has moved
+        self.seen[:, :col - keep] = False  # what the live slots saw there has moved,
+        self.seen[:, col:] = False  # and what lies past col is old (static_step reads columns past col)
         self.start = [s + col - self.col for s in self.start]
         self.col = col
 
@@ -183,8 +239,30 @@ class SlotPool:
         """One decode step of every slot (a free one runs on a pad token and is ignored): its logits."""
         self.seen[:, self.col] = True  # a free slot sees its own column, so nothing it computes is NaN
         logits = self.lm(input_ids=self.next[:, None], attention_mask=self.seen[:, None, None, :self.col + 1],
-                         position_ids=self.pos[:, None], cache=self.cache, use_cache=True).logits[:, -1]
+                         position_ids=self.pos[:, None], use_cache=True, **{self.cache_argument: self.cache}).logits[:, -1]
         self.col += 1
+        self.pos += 1
+        return logits
+
+    def static_step(self, bound):
+        """step() with every shape fixed by (slots, bound) and no host work, so CUDA can capture it once and
+        replay it (StepGraphs): the column comes from col_t, attention reads columns [0, bound) (those not
+        seen are masked). Advances col_t and pos on the device; the caller advances col."""
+        config, attention = self.lm.config, self.lm.config._attn_implementation
+        self.bound = bound
+        if attention == "sdpa":
+            from transformers import AttentionInterface
+
+            AttentionInterface.register(GROUPED_DECODE, grouped_decode_attention)
+            config._attn_implementation = GROUPED_DECODE
+        try:
+            self.seen.index_fill_(1, self.col_t, True)
+            logits = self.lm(input_ids=self.next[:, None], attention_mask=self.seen[:, None, None, :bound],
+                             position_ids=self.pos[:, None], use_cache=True, **{self.cache_argument: self.cache}).logits[:, -1]
+        finally:
+            self.bound = None
+            config._attn_implementation = attention
+        self.col_t += 1
         self.pos += 1
         return logits
 
@@ -257,15 +335,20 @@ def slots_work(lm, tokenizer, length):
     return False
 
 
-def stream_responses(lm, tokenizer, encoded, seeds, k, max_new_tokens, temperature, top_p, batch_size, slots=None):
+def stream_responses(lm, tokenizer, encoded, seeds, k, max_new_tokens, temperature, top_p, batch_size, slots=None,
+                     graphs=None):
     """Yield (i, result) for each prompt as its k responses finish: encoded[i] its token ids, seeds[i] the
     seeds of its k random streams. Prompts are admitted in the order given. slots: sample with SlotPool
-    (None: where slots_work says so), else with HF generate in batches of batch_size sequences."""
+    (None: where slots_work says so), else with HF generate in batches of batch_size sequences.
+    graphs: with slots, decode in blocks with the step captured as a CUDA graph (_block_stream); None: on a
+    CUDA device. On a CPU, True runs the same block path with eager steps (what the tests check)."""
     stop = sorted({end_of_turn_id(tokenizer)} | ({tokenizer.eos_token_id} - {None}))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     if slots is None:
         slots = bool(encoded) and slots_work(lm, tokenizer, max(map(len, encoded)) + max_new_tokens)
-    sample = _slot_stream if slots else _generate_stream
+    if graphs is None:
+        graphs = next(lm.parameters()).device.type == "cuda"
+    sample = (_block_stream if graphs else _slot_stream) if slots else _generate_stream
     for i, token_lists in sample(lm, encoded, seeds, k, max_new_tokens, temperature, top_p, batch_size, stop, pad):
         texts, counts, finished = [], [], []
         for tokens in token_lists:
@@ -316,6 +399,141 @@ def _slot_stream(lm, encoded, seeds, k, max_new_tokens, temperature, top_p, batc
             tokens[i] = None
 
 
+BLOCK = 16  # decode steps between two looks at the sampled tokens on the block path (end of turn, admissions)
+
+
+class StepGraphs:
+    """The block path's decode step: SlotPool.static_step, then draw_on_device with each slot's uniform for
+    that step; the token becomes the slot's next input and is kept in `tokens` (slots, block). On a CUDA
+    device the step of each shape (slots, bound) is captured once as a CUDA graph and replayed, one launch a
+    step and no host work between; the host reads the tokens once a block. Elsewhere (and if a capture fails,
+    with a line) the same step runs eagerly."""
+
+    def __init__(self, pool, block, temperature, top_p, capture):
+        self.pool, self.block, self.temperature, self.top_p = pool, block, temperature, top_p
+        self.capture, self.mempool = capture, None
+        self.resize()
+
+    def resize(self):
+        """New buffers for the pool's number of slots (after SlotPool.shrink); graphs of other shapes go."""
+        device, slots = self.pool.device, self.pool.slots
+        self.uniforms = torch.zeros(slots, self.block, device=device)
+        self.tokens = torch.zeros(slots, self.block, dtype=torch.long, device=device)
+        self.t = torch.zeros(1, dtype=torch.long, device=device)  # the step within the block
+        self.graphs = {}
+
+    def step(self, bound):
+        picked = draw_on_device(self.pool.static_step(bound), self.uniforms.index_select(1, self.t).squeeze(1),
+                                self.temperature, self.top_p)
+        self.pool.next.copy_(picked)
+        self.tokens.index_copy_(1, self.t, picked[:, None])
+        self.t += 1
+
+    def run_block(self, uniforms):
+        """`block` decode steps of every slot, uniforms (slots, block) on the host; returns the tokens sampled
+        as lists (the one sync of the block). Attention reads the columns up to a multiple of 64 past the last
+        one written, so a block's shape, and its graph, is one of a few."""
+        pool = self.pool
+        bound = min(pool.width, -(-(pool.col + self.block) // 64) * 64)
+        self.uniforms.copy_(uniforms)
+        self.t.zero_()
+        pool.col_t.fill_(pool.col)
+        graph = self.graph(bound) if self.capture else None
+        for _ in range(self.block):
+            graph.replay() if graph is not None else self.step(bound)
+        pool.col += self.block
+        return self.tokens.tolist()
+
+    def graph(self, bound):
+        key = (self.pool.slots, bound)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(bound)
+        return self.graphs[key]
+
+    def _capture(self, bound):
+        """A CUDA graph of step(bound), or None (and eager steps from then on) if the model's forward cannot
+        be captured. Two warm-up steps run first (lazy initialisations must not happen inside the capture);
+        what they change is put back, and the columns they wrote are written again by the first replay."""
+        state = [self.pool.next, self.pool.pos, self.pool.col_t, self.t]
+        saved = [x.clone() for x in state]
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.step(bound)
+                    for x, y in zip(state, saved):
+                        x.copy_(y)
+            torch.cuda.current_stream().wait_stream(side)
+            self.mempool = self.mempool or torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.mempool):
+                self.step(bound)
+            return graph
+        except Exception as e:  # noqa: BLE001  (whatever the capture raises, the answer is: eager steps)
+            torch.cuda.synchronize()
+            for x, y in zip(state, saved):
+                x.copy_(y)
+            self.capture = False
+            print(f"generate: the decode step cannot be captured as a CUDA graph ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0] if str(e) else ''}); it runs eagerly")
+            return None
+
+
+def _block_stream(lm, encoded, seeds, k, max_new_tokens, temperature, top_p, batch_size, stop, pad, capture=True):
+    """_slot_stream's results, decoded in blocks of BLOCK steps by StepGraphs: sampling on the device, the
+    step captured once per shape on a GPU. Each slot's BLOCK uniforms come from its own stream at the
+    block's start (torch.rand(n) draws what n single draws would), so the answers are _slot_stream's.
+    A sequence that ends inside a block runs on to its end (those tokens are dropped), so a slot's
+    buffer room is max_new_tokens + BLOCK; admissions and shrinking happen between blocks."""
+    slots = min(max(batch_size, k), k * len(encoded))
+    pool = SlotPool(lm, slots, max_new_tokens + BLOCK, pad, max(map(len, encoded), default=1))
+    steps = StepGraphs(pool, BLOCK, temperature, top_p, capture and pool.device.type == "cuda")
+    queue, stops = list(range(len(encoded)))[::-1], set(stop)
+    tokens = [[[] for _ in range(k)] for _ in encoded]
+    left = [k] * len(encoded)
+    streams = {}
+    while queue or pool.busy():
+        free = len(pool.free())
+        ended, complete = [], []
+        if queue and (free >= max(k, pool.slots // 4) or not pool.busy()):
+            take = [queue.pop() for _ in range(min(len(queue), free // k))]
+            owners = [[(i, j) for j in range(k)] for i in take]
+            streams.update({(i, j): torch.Generator().manual_seed(seeds[i][j]) for i in take for j in range(k)})
+            slots, logits = pool.admit([encoded[i] for i in take], owners)
+            picked = draw(logits, [streams[o] for o in (pool.owner[s] for s in slots)], temperature, top_p)
+            pool.next[slots] = picked.to(pool.next.device)
+            sampled = {s: [t] for s, t in zip(slots, picked.tolist())}
+        else:
+            busy = pool.busy()
+            uniforms = torch.zeros(pool.slots, BLOCK)
+            for s in busy:
+                uniforms[s] = torch.rand(BLOCK, generator=streams[pool.owner[s]])
+            block = steps.run_block(uniforms)
+            sampled = {s: block[s] for s in busy}
+        for s, new in sampled.items():
+            i, j = pool.owner[s]
+            seq = tokens[i][j]
+            for t in new:
+                seq.append(t)
+                if t in stops or len(seq) == max_new_tokens:
+                    ended.append(s)
+                    del streams[(i, j)]
+                    left[i] -= 1
+                    if not left[i]:
+                        complete.append(i)
+                    break
+        pool.release(ended)
+        if not queue and len(pool.busy()) <= pool.slots // 2:  # halving: few shapes, so few captures
+            before = pool.slots
+            pool.shrink()
+            if pool.slots != before:
+                steps.resize()
+        for i in complete:
+            yield i, tokens[i]
+            tokens[i] = None
+
+
 def _generate_stream(lm, encoded, seeds, k, max_new_tokens, temperature, top_p, batch_size, stop, pad):
     """The same as _slot_stream with HF generate: batches of whole prompts (batch_size // k, at least
     one), left padding, PerRowSampler; a batch runs until its longest sequence ends."""
@@ -337,13 +555,13 @@ def _generate_stream(lm, encoded, seeds, k, max_new_tokens, temperature, top_p, 
 
 
 def sample_responses(prompts, model=PACKAGED_MODEL, k=4, max_new_tokens=512, temperature=0.7, top_p=0.9, seed=0,
-                     batch_size=128, ids=None, dtype="auto", device=None, progress=None, slots=None):
+                     batch_size=128, ids=None, dtype="auto", device=None, progress=None, slots=None, graphs=None):
     """Sample k responses for each prompt. The function behind the CLI, for scripts.
 
     prompts: list of str. model: a name for common.load_causal_lm or a (model, tokenizer) pair.
     ids: one per prompt, seeds the prompt's samples (default: the prompt's index as a string).
     batch_size: sequences sampled together (see stream_responses); prompts go longest first.
-    progress: a tqdm bar to advance by one per prompt, or None. slots: as in stream_responses.
+    progress: a tqdm bar to advance by one per prompt, or None. slots, graphs: as in stream_responses.
     Returns, in input order, one {"responses", "num_tokens", "finished"} dict (k items each) a prompt.
     """
     lm, tokenizer = load_model(model, dtype)
@@ -355,7 +573,7 @@ def sample_responses(prompts, model=PACKAGED_MODEL, k=4, max_new_tokens=512, tem
     results = [None] * len(prompts)
     for i, result in stream_responses(lm, tokenizer, [encoded[i] for i in order],
                                       [[response_seed(seed, ids[i], j) for j in range(k)] for i in order],
-                                      k, max_new_tokens, temperature, top_p, batch_size, slots):
+                                      k, max_new_tokens, temperature, top_p, batch_size, slots, graphs):
         results[order[i]] = result
         if progress is not None:
             progress.update(1)
@@ -509,7 +727,7 @@ def _hf_chunks(todo, chunk, lm, state, gather_object, bar, settings):
     stream = stream_responses(model, tokenizer, [prompt_ids(tokenizer, todo[i]["prompt"]) for _, i in mine],
                               [[response_seed(seed, todo[i]["id"], j) for j in range(k)] for _, i in mine], k,
                               settings["max_new_tokens"], settings["temperature"], settings["top_p"],
-                              settings["batch_size"], settings.get("slots"))
+                              settings["batch_size"], settings.get("slots"), settings.get("graphs"))
     for n, result in itertools.chain(stream, [(None, None)]):
         if n is not None:
             c, i = mine[n]

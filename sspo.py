@@ -678,6 +678,22 @@ def reuse_freed_memory():
     return all([bool(libc.mallopt(option[name], value)) for name, value in MALLOC_SETTINGS.items()])
 
 
+CUDA_ALLOC_CONF = "expandable_segments:True"
+
+
+def grow_cuda_segments():
+    """Training on a GPU: PyTorch's caching allocator grows its memory segments in place (expandable_segments)
+    instead of reserving a fixed block per request size. Batches whose shapes change at every step fragment
+    fixed blocks: reserved memory grows far past what is allocated (bench/RESULTS.md, GPU), and each new
+    block is a cudaMalloc that waits for the device. Set through the environment before CUDA starts; a
+    user's own PYTORCH_CUDA_ALLOC_CONF wins. Returns the setting applied, or None."""
+    if any(os.environ.get(k) for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")) or not torch.cuda.is_available() \
+            or torch.cuda.is_initialized():
+        return None
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = CUDA_ALLOC_CONF
+    return CUDA_ALLOC_CONF
+
+
 def load_policy(model, accelerator, gradient_checkpointing, attn_implementation, lora):
     """pi_theta as loaded (it is also pi_t: the reference is its log-probs before the first update) and its tokenizer.
 
@@ -726,8 +742,8 @@ def choose_prompt_layout(accelerator, scorer, config, examples, pad_id, share_pr
                         f"{max_length}; leave the flag out")
     if "share_prompt_used" in before:
         wanted, must = before["share_prompt_used"], True
-    elif share_prompt is None:
-        wanted, must = common.takes_4d_mask(config, max_length), False
+    elif share_prompt is None:  # on a GPU rows apart are faster (bench/gpu.py: its 4-D mask costs sdpa's fast kernels)
+        wanted, must = common.takes_4d_mask(config, max_length) and torch.device(accelerator.device).type != "cuda", False
     else:
         wanted, must = share_prompt, True
     shortest = sorted(examples, key=lambda e: len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]))[:2]
@@ -924,7 +940,7 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
       merge: with LoRA, save the merged model in output_dir (and the adapter in output_dir/adapter); else the adapter alone (a folder --model and generate.py accept)
       report_to: none | tensorboard | wandb (through accelerate's trackers; install the one you pick); metrics.jsonl is always written
       attn_implementation: transformers' attention kernel: sdpa | eager | flash_attention_2 (needs flash-attn; chosen and rejected then run in rows apart) | ...; None: its default (sdpa)
-      share_prompt: compute each pair's prompt once (one row prompt+chosen+rejected, a 4-D attention mask); None: when the attention takes such a mask (sdpa or eager, no sliding window shorter than --max_length), confirmed at start against separate rows, else off with a line saying so; --noshare_prompt: rows apart
+      share_prompt: compute each pair's prompt once (one row prompt+chosen+rejected, a 4-D attention mask); None: on a CPU when the attention takes such a mask (sdpa or eager, no sliding window shorter than --max_length), confirmed at start against separate rows, else off with a line saying so; on a GPU rows apart (no faster there: bench/RESULTS.md); --noshare_prompt: rows apart
     """
     config = {k: v for k, v in locals().items()}
     check_flags(config)
@@ -941,6 +957,7 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
+    stats["cuda_alloc_conf"] = grow_cuda_segments()
     accelerator = make_accelerator(mixed_precision, output_dir, grad_accum, report_to)
     if accelerator.device.type == "cpu":
         stats["reused_freed_memory"] = reuse_freed_memory()
@@ -964,8 +981,10 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
     accelerator.wait_for_everyone()
     checkpoint = find_checkpoint(output_dir) if resume else None
     base_only = accelerator.unwrap_model(scorer).model.disable_adapter if lora_r else contextlib.nullcontext
+    t_ref = time.time()
     ref = reference_logps(accelerator, scorer, examples, lengths, pad_id, share, batch_size,
                           os.path.join(output_dir, "ref_logps.pt"), checkpoint, data, base_only)
+    timing = dict(reference_s=time.time() - t_ref)
     metrics_path = os.path.join(output_dir, "metrics.jsonl")
     start = restore_checkpoint(accelerator, checkpoint, metrics_path)
     if report_to != "none":
@@ -979,6 +998,7 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
 
     log = common.JsonlAppender(metrics_path, id_field="step") if main_process else None
     bar = tqdm(total=total, initial=start, desc=f"{loss} training", disable=not main_process)
+    t_train, train_tokens = time.time(), 0.0
     for step in range(start, total):
         t0 = time.time()
         lr_now = lr_at(step, total, warmup, lr, lr_schedule)
@@ -987,6 +1007,7 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
         metrics, tokens, grad_norm = optimizer_step(accelerator, scorer, opt, examples, ref, steps[step], pad_id, share,
                                                     max_grad_norm, loss=loss, beta=beta, rep_weight=rep_weight,
                                                     rep_margin=rep_margin)
+        train_tokens += tokens
         if main_process:
             record = {"step": step + 1, "epoch": round((step + 1) / (total / epochs), 4), **metrics,
                       "grad_norm": float("nan") if grad_norm is None else float(grad_norm), "lr": lr_now,
@@ -999,13 +1020,17 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
         if save_every and (step + 1) % save_every == 0 and step + 1 < total:
             save_checkpoint(accelerator, output_dir, step + 1)
     bar.close()
+    # the steps of this process (a resumed run: those since the checkpoint); each step's metrics were read
+    # back, so the device has finished them
+    timing.update(train_s=time.time() - t_train, train_steps=total - start, train_tokens=train_tokens)
 
     accelerator.wait_for_everyone()
     if main_process:
         log.close()
     save_final_model(accelerator, scorer, tokenizer, output_dir, model, lora_r, merge)
     if main_process:
-        common.atomic_write_json(os.path.join(output_dir, DONE_FILE), dict(stats, steps=total, model=model, data=str(data), loss=loss))
+        common.atomic_write_json(os.path.join(output_dir, DONE_FILE), dict(stats, steps=total, model=model, data=str(data),
+                                                                           loss=loss, timing=timing))
         if not keep_checkpoint:  # only now: a kill before summary.json resumes from a checkpoint left whole
             remove_checkpoints(output_dir)
         print(f"saved {output_dir} ({total} steps; metrics in {metrics_path})")

@@ -1,38 +1,49 @@
-"""sspo.py's training step and generate.py's sampling on one GPU: tokens/s, MFU, peak memory.
+"""sspo.py and generate.py on one GPU, in one prepared script for a short lease: sampling, training, and
+sspo.py against TRL as whole processes.
 
-One prepared script for a single short GPU lease; it needs nothing but torch, transformers and accelerate, and
-makes everything itself (a random-weight Llama-3.2-1B-shape model, synthetic token ids, a word-level
-tokenizer with a ChatML template; tests/tiny.py's builders), so nothing is downloaded and nothing big travels.
+    python bench/gpu.py                 # GPU: all of it in ~6 min on an H200 (see the shapes below)
+    python bench/gpu.py --tiny          # CPU or GPU: tiny shapes, every code path in seconds (tests/test_bench.py)
 
-    python bench/gpu.py                 # GPU: ~1.2B Llama (16 layers, d 2048, vocab 128256), seq 1024, bf16; ~2 min
-    python bench/gpu.py --tiny          # CPU or GPU: a tiny shape that runs in seconds (tests/test_bench.py)
+It makes everything itself (random-weight Llama shapes, synthetic token ids, tests/tiny.py's tokenizers,
+bench/vs_trl.py's generated work), so nothing is downloaded and nothing big travels. On a GPU machine
+without network, TRL comes as wheels (trl, datasets, dill, multiprocess, fsspec, pyarrow); without TRL the
+comparison is skipped with a line.
 
-What it runs, with sspo.py's own functions (sspo.SequenceScorer; sspo.optimizer_step: its micro-steps, loss,
-gradient clipping and RMSprop step on fp32 weights under accelerate's bf16 autocast, as `--mixed_precision bf16`;
-the tiny CPU shape runs in fp32):
-1. the bf16 matmul rate of the device: torch.mm of two n x n bf16 matrices, best of 5 rounds;
-2. the reference pass (no grad) and training steps (loss sspo) on --batch_size pairs of --seq_len
-   tokens (prompt --prompt_len, responses fill the rest; no padding), without and with gradient
-   checkpointing, and with the prompt shared by chosen and rejected (sspo.py's default where the
-   attention takes its 4-D mask): tokens/s of the pairs (the prompt counted twice, as apart), MFU
-   on the tokens the layout computes, and peak memory of each;
-3. generation: generate.sample_responses of --gen_prompts prompts x K=4, --gen_new_tokens new tokens
-   each (a random model seldom ends a turn), bf16 weights, all sequences at once: new tokens/s with
-   generate.py's slots (its default) and with HF generate (slots=False), side by side.
+What it measures, in order (each part's numbers are written to the JSON as soon as it ends):
+1. the device: bf16 matmul rate (torch.mm of n x n, best of 5) and copy bandwidth (a 2 GiB device-to-device
+   copy, bytes read + written); the transformers version, and whether generate.py's slots run on it
+   (generate.slots_work on the generation model);
+2. sampling, GEN shape (~1.2B Llama: 16 layers, d 2048, GQA 32/8, MLP 8192, vocab 128256; bf16 weights):
+   generate.sample_responses of 64 prompts x K=4, 256 new tokens each (a random model seldom ends a turn),
+   all sequences at once, three ways side by side: the block path with the decode step captured as a CUDA
+   graph (generate.py's default on a GPU), the same slots stepped eagerly from the host, and HF generate.
+   New tokens/s, and as a share of the memory-bandwidth limit: every decode step must read the weights
+   that enter matmuls and each sequence's keys and values so far, at the measured copy bandwidth;
+3. the training step, TRAIN shape (~1.0B Llama: as GEN with vocab 16384), the CLI's work: batch 8 pairs,
+   prompt 128 + responses of 384 tokens, no padding, bf16 autocast on fp32 weights, RMSprop, with
+   sspo.py's own functions (sspo.SequenceScorer, sspo.optimizer_step), rows apart and prompt shared:
+   steady tokens/s of the pairs (the prompt counted twice), MFU of the useful FLOPs, peak memory;
+4. whole processes on the TRAIN shape, bench/vs_trl.py's children: 512 pairs (prompts ~128 tokens,
+   responses 384 +- 25%), batch 8, max_length 1024, sppo_hard, RMSprop, bf16, the final model saved:
+   sspo.py (its GPU default layout), sspo.py with the prompt shared, and TRL's DPOTrainer(loss_type
+   sppo_hard, bf16=True). Wall, train time (first backbone forward to last optimizer step, the same
+   hooks in both), peak GPU memory allocated and reserved; for sspo.py also its own split (reference
+   pass, training loop), whose tokens/s is set beside part 3's steady step.
 
-MFU counts useful FLOPs only (recomputation under gradient checkpointing is not useful):
+MFU counts useful FLOPs only (recomputation is not useful):
   training step: 6 N_body T + 6 N_head R + 12 L d T S_eff,   reference pass: a third of that,
 with N_body the weights in the blocks' matmuls, N_head the LM head's (vocab x d), T all tokens, R the
 response tokens whose log-probs the loss needs (sspo.py runs the LM head on those alone), L layers,
 d width, and S_eff = S/2 the average causal attention span of a sequence of S tokens.
-Results: printed, and written as JSON to --out (default $OUT/gpu.json when $OUT is set, else
-bench/results/gpu.json).
+Results: printed, and JSON in --out (default $OUT/gpu.json when $OUT is set, else bench/results/gpu.json).
 """
 import json
 import os
 import resource
 import sys
+import tempfile
 import time
+import traceback
 import warnings
 
 import torch
@@ -43,10 +54,16 @@ import sspo  # noqa: E402
 import tiny  # noqa: E402  (tests/tiny.py: the tiny builders)
 from flops import matmul_params, matmul_rate, sync  # noqa: E402
 
-FULL = dict(layers=16, hidden=2048, heads=32, kv_heads=8, intermediate=8192, vocab=128256, seq_len=1024, prompt_len=256,
-            batch_size=4, steps=8, warmup=2, matmul_n=8192, gen_prompts=16, gen_new_tokens=256)
-TINY = dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=512, seq_len=64, prompt_len=16,
-            batch_size=2, steps=2, warmup=1, matmul_n=256, gen_prompts=2, gen_new_tokens=8)
+BODY = dict(layers=16, hidden=2048, heads=32, kv_heads=8, intermediate=8192)
+FULL = dict(gen=dict(BODY, vocab=128256), train=dict(BODY, vocab=16384), matmul_n=8192, copy_gib=2,
+            seq_len=512, prompt_len=128, batch_size=8, steps=8, warmup=2,
+            gen_prompts=64, gen_k=4, gen_new_tokens=256,
+            cli_pairs=512, cli_prompt_tokens=128, cli_response_tokens=384, cli_max_length=1024)
+TINY_BODY = dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128)
+TINY = dict(gen=dict(TINY_BODY, vocab=512), train=dict(TINY_BODY, vocab=512), matmul_n=256, copy_gib=1 / 64,
+            seq_len=48, prompt_len=16, batch_size=2, steps=2, warmup=1,
+            gen_prompts=3, gen_k=2, gen_new_tokens=20,
+            cli_pairs=4, cli_prompt_tokens=16, cli_response_tokens=24, cli_max_length=128)
 
 
 def make_tokenizer(vocab):
@@ -55,12 +72,12 @@ def make_tokenizer(vocab):
     return tiny.make_tokenizer(words=["user", "assistant"] + [f"w{i}" for i in range(vocab - fixed)])
 
 
-def make_model(shape, tokenizer, device):
+def make_model(shape, tokenizer, device, max_positions=2048):
     """tests/tiny.py's random-weight Llama of `shape` (fp32 weights, as sspo.py trains them), built on `device`."""
     assert len(tokenizer) == shape["vocab"]
     return tiny.make_llama(vocab_size=shape["vocab"], hidden=shape["hidden"], layers=shape["layers"], heads=shape["heads"],
-                           kv_heads=shape["kv_heads"], intermediate=shape["intermediate"],
-                           max_positions=max(2048, shape["seq_len"] * 2), device=device)
+                           kv_heads=shape["kv_heads"], intermediate=shape["intermediate"], max_positions=max_positions,
+                           device=device)
 
 
 def useful_flops(model, tokens, response_tokens, seq_len):
@@ -74,43 +91,110 @@ def useful_flops(model, tokens, response_tokens, seq_len):
 
 
 def peak_memory(device):
+    """(peak allocated, peak reserved) in GiB since the last reset; on a CPU the process's peak RSS twice."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # CPU: the process's peak RSS
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30, torch.cuda.max_memory_reserved(device) / 2 ** 30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    return rss, rss
 
 
 def reset_memory(device):
+    import gc
+
+    gc.collect()  # what an earlier part left in reference cycles goes before the peak is reset
     if device.type == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def examples_for(shape, seed=0):
-    """batch_size pairs of random token ids: a shared prompt and two responses filling seq_len, no padding."""
+def copy_bandwidth(device, gib, rounds=5):
+    """Best-of-rounds bytes/s of a device-to-device copy of `gib` GiB, counting bytes read and written."""
+    n = int(gib * 2 ** 30) // 4
+    a, b = torch.empty(n, device=device), torch.empty(n, device=device)
+    b.copy_(a)
+    sync(device)
+    best = 0.0
+    for _ in range(rounds):
+        t = time.perf_counter()
+        b.copy_(a)
+        sync(device)
+        best = max(best, 2 * 4 * n / (time.perf_counter() - t))
+    return best
+
+
+# ============================================================================== 2. sampling
+
+def generation(model, tokenizer, shape, device, bandwidth, slots_eager=True):
+    """New tokens/s of generate.sample_responses three ways, on bf16 (GPU) weights; see the module docstring."""
+    import generate
+
+    lm = model.to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+    lm.config.use_cache = True
+    k, n = shape["gen_k"], shape["gen_prompts"]
+    prompts = [" ".join(f"w{(7 * i + j) % 500}" for j in range(32)) for i in range(n)]
+    out = dict(slots_work=generate.slots_work(lm, tokenizer, 64 + shape["gen_new_tokens"]))
+    ways = (("graphs", dict(slots=True, graphs=True)), ("slots_eager", dict(slots=True, graphs=False)),
+            ("hf_generate", dict(slots=False)))
+    ways = [w for w in ways if slots_eager or w[0] != "slots_eager"]
+    for name, how in ways:
+        reset_memory(device)
+        generate.sample_responses(prompts[:2], model=(lm, tokenizer), k=k, max_new_tokens=2, batch_size=2 * k, **how)  # warm-up
+        sync(device)
+        t = time.perf_counter()
+        results = generate.sample_responses(prompts, model=(lm, tokenizer), k=k, max_new_tokens=shape["gen_new_tokens"],
+                                            batch_size=n * k, **how)
+        sync(device)
+        dt = time.perf_counter() - t
+        new = sum(c for r in results for c in r["num_tokens"])
+        alloc, reserved = peak_memory(device)
+        out[name] = dict(new_tokens=new, seconds=dt, new_tokens_per_s=new / dt, peak_allocated_gib=alloc,
+                         peak_reserved_gib=reserved, answers=results)
+        print(f"generate ({name:11}) {n} prompts x K={k}: {new} new tokens in {dt:.2f} s: {new / dt:9.0f} new tok/s, "
+              f"peak {alloc:.2f} GiB", flush=True)
+    same = out["graphs"]["answers"] == out["slots_eager"]["answers"] if slots_eager else None
+    for name, _ in ways:
+        out[name].pop("answers")
+    # the memory-bandwidth limit: each step reads the matmul weights once and every sequence's keys and values
+    cfg = lm.config
+    prompt_len = sum(len(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True))
+                     for p in prompts) / n
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
+    steps, rows = shape["gen_new_tokens"], n * k
+    weight_bytes = matmul_params(lm) * lm.dtype.itemsize * steps
+    kv_bytes = rows * kv_per_token * sum(prompt_len + s for s in range(steps))
+    limit = rows * steps / ((weight_bytes + kv_bytes) / bandwidth)
+    out.update(prompts=n, k=k, batch=rows, max_new_tokens=steps, graphs_answers_equal_eager_slots=same,
+               bandwidth_limit_new_tokens_per_s=limit,
+               graphs_share_of_bandwidth_limit=out["graphs"]["new_tokens_per_s"] / limit,
+               graphs_over_hf_generate=out["graphs"]["new_tokens_per_s"] / out["hf_generate"]["new_tokens_per_s"])
+    if slots_eager:
+        out["slots_eager_over_hf_generate"] = out["slots_eager"]["new_tokens_per_s"] / out["hf_generate"]["new_tokens_per_s"]
+    print(f"generate: graphs {out['graphs_over_hf_generate']:.1f}x HF generate, {out['graphs_share_of_bandwidth_limit']:.1%} "
+          f"of the bandwidth limit ({limit:.0f} new tok/s); answers equal to the eager slots': {same}", flush=True)
+    return out
+
+
+# ============================================================================== 3. training step
+
+def examples_for(shape, vocab, seed=0):
+    """batch_size pairs of random token ids: a prompt and two responses of seq_len - prompt_len, no padding."""
     g = torch.Generator().manual_seed(seed)
-    vocab, p, r = shape["vocab"], shape["prompt_len"], shape["seq_len"] - shape["prompt_len"]
+    p, r = shape["prompt_len"], shape["seq_len"] - shape["prompt_len"]
     ids = lambda n: torch.randint(4, vocab - 2, (n,), generator=g).tolist()  # noqa: E731  (no special tokens)
     return [dict(prompt_ids=ids(p), chosen_ids=ids(r), rejected_ids=ids(r), chosen_winrate=0.75, rejected_winrate=0.3, gate=0.0)
             for _ in range(shape["batch_size"])]
 
 
-def train(accelerator, model, examples, pad_id, shape, device, gradient_checkpointing, share_prompt=False, beta=1e-3,
-          logits_chunk=None):
+def train(accelerator, model, examples, pad_id, shape, device, share_prompt, beta=1e-3):
     """The reference pass and `steps` of sspo.py's optimizer steps (sspo.optimizer_step); returns timings, memory, loss."""
     model.config.use_cache = False
     sspo.disable_dropout(model)
-    with warnings.catch_warnings():  # sspo.py's call; transformers 5 calls the name deprecated (FutureWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_disable()
     model.train()
-    scorer = sspo.SequenceScorer(model, chunk=logits_chunk)
+    scorer = sspo.SequenceScorer(model)
     scorer, opt = accelerator.prepare(scorer, sspo.make_optimizer(scorer, "rmsprop", 5e-7, 0.0))
     batch = {k: v.to(device) for k, v in sspo.collate(examples, pad_id, share_prompt).items()}
     reset_memory(device)
-
     with torch.no_grad(), accelerator.autocast():  # pi_t, once, as sspo.py does before its first update
         scorer(**batch)
         sync(device)
@@ -119,7 +203,6 @@ def train(accelerator, model, examples, pad_id, shape, device, gradient_checkpoi
         sync(device)
         ref_s = time.perf_counter() - t
     ref = ref.view(2, -1).T  # (pairs, 2), as sspo.reference_logps returns it
-
     times, losses = [], []
     for step in range(shape["warmup"] + shape["steps"]):
         sync(device)
@@ -130,113 +213,185 @@ def train(accelerator, model, examples, pad_id, shape, device, gradient_checkpoi
         sync(device)
         if step >= shape["warmup"]:
             times.append(time.perf_counter() - t)
-    # tokens: of the pairs (prompt counted for chosen and rejected); fed: those the layout computes
-    tokens = sum(sspo.pair_tokens(e) for e in examples)
-    fed = tokens - (sum(len(e["prompt_ids"]) for e in examples) if share_prompt else 0)
+    tokens = sum(sspo.pair_tokens(e) for e in examples)  # the prompt counted for chosen and rejected
+    fed = tokens - (sum(len(e["prompt_ids"]) for e in examples) if share_prompt else 0)  # what the layout computes
     step_flops, ref_flops = useful_flops(model, fed, len(batch["resp_pos"]), shape["seq_len"])
     step_s = sorted(times)[len(times) // 2]
-    out = dict(gradient_checkpointing=gradient_checkpointing, share_prompt=share_prompt, tokens_per_step=tokens,
-               fed_tokens_per_step=fed, step_s=step_s,
+    alloc, reserved = peak_memory(device)
+    out = dict(share_prompt=share_prompt, tokens_per_step=tokens, fed_tokens_per_step=fed, step_s=step_s,
                tokens_per_s=tokens / step_s, step_tflops=step_flops / step_s / 1e12, ref_s=ref_s,
-               ref_tokens_per_s=tokens / ref_s, ref_tflops=ref_flops / ref_s / 1e12, peak_memory_gib=peak_memory(device),
-               first_loss=losses[0], last_loss=losses[-1])
+               ref_tokens_per_s=tokens / ref_s, ref_tflops=ref_flops / ref_s / 1e12, peak_allocated_gib=alloc,
+               peak_reserved_gib=reserved, first_loss=losses[0], last_loss=losses[-1])
     del opt, scorer
     accelerator.free_memory()  # drop the accelerator's references to this run's optimizer state
     model.zero_grad(set_to_none=True)
     return out
 
 
-def generation(model, tokenizer, shape, device, k=4):
-    """New tokens/s of generate.sample_responses on bf16 (GPU) weights; the random model seldom stops early."""
-    import generate
+# ============================================================================== 4. whole processes
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        model.gradient_checkpointing_disable()  # train() may have left it on
-    lm = model.to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
-    lm.config.use_cache = True
-    prompts = [" ".join(f"w{(7 * i + j) % 500}" for j in range(32)) for i in range(shape["gen_prompts"])]
-    out = {}
-    for name, slots in (("slots", True), ("hf_generate", False)):
-        reset_memory(device)
-        generate.sample_responses(prompts[:1], model=(lm, tokenizer), k=k, max_new_tokens=2, batch_size=k, slots=slots)  # warm-up
-        sync(device)
-        t = time.perf_counter()
-        results = generate.sample_responses(prompts, model=(lm, tokenizer), k=k, max_new_tokens=shape["gen_new_tokens"],
-                                            batch_size=len(prompts) * k, slots=slots)
-        sync(device)
-        dt = time.perf_counter() - t
-        new = sum(n for r in results for n in r["num_tokens"])
-        out[name] = dict(new_tokens=new, seconds=dt, new_tokens_per_s=new / dt, peak_memory_gib=peak_memory(device))
-    return dict(prompts=len(prompts), k=k, batch=len(prompts) * k, max_new_tokens=shape["gen_new_tokens"], **out,
-                slots_over_hf_generate=out["slots"]["new_tokens_per_s"] / out["hf_generate"]["new_tokens_per_s"])
+def whole_processes(shape, device, out, save, systems=("sspo", "trl", "sspo_shared")):
+    """bench/vs_trl.py's children on the TRAIN shape: sspo.py (default layout), sspo.py prompt shared, TRL."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_vs_trl", os.path.join(ROOT, "bench", "vs_trl.py"))
+    vs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vs)
+    work = tempfile.mkdtemp(prefix="sspo-gpu-")
+    t = time.time()
+    model_shape = {k: shape["train"][k] for k in ("hidden", "layers", "heads", "kv_heads", "intermediate")}
+    built = vs.build_work(work, shape["cli_pairs"], shape["cli_max_length"], shape=model_shape, device=device.type,
+                          prompt_tokens=shape["cli_prompt_tokens"], response_tokens=shape["cli_response_tokens"])
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    out.update(work={k: v for k, v in built.items() if k not in ("lengths", "model", "scored")}, build_s=time.time() - t)
+    save()
+    print(f"whole processes: {built['pairs']} pairs, {built['real_tokens']} real tokens, model {built['params'] / 1e6:.0f}M "
+          f"(built in {out['build_s']:.0f} s)", flush=True)
+    cfg = dict(model=built["model"], scored=built["scored"], beta=1e-3, lr=5e-7, batch_size=shape["batch_size"], epochs=1,
+               max_length=shape["cli_max_length"], trl_precompute=False, trl_sampling="sequential", device=device.type)
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        print("whole processes: TRL is not installed here: sspo.py alone", flush=True)
+        systems = [s for s in systems if s != "trl"]
+    os.makedirs(os.path.join(work, "runs"), exist_ok=True)
+    for which in systems:
+        try:
+            rec = vs.run_child(which, work, os.path.join(work, "runs", which), cfg, threads=os.cpu_count() if device.type == "cuda" else 1)
+        except SystemExit as e:  # the child failed: its log's tail, and the other systems still run
+            out[which] = dict(error=str(e)[-3000:])
+            print(f"whole processes: {which} failed:\n{str(e)[-3000:]}", flush=True)
+            continue
+        rec["tokens_per_s"] = built["real_tokens"] / rec["train_s"]
+        timing = rec.get("timing")
+        if timing:
+            rec["loop_tokens_per_s"] = timing["train_tokens"] / timing["train_s"]
+        out[which] = {k: v for k, v in rec.items() if k not in ("first_step", "log", "load_before", "load_after")}
+        print(f"whole processes: {which:11} wall {rec['wall_s']:6.1f} s  train {rec['train_s']:6.1f} s  "
+              f"{rec['tokens_per_s']:7.0f} real tok/s  peak GPU {rec.get('cuda_peak_allocated_gib', 0):.1f} / "
+              f"{rec.get('cuda_peak_reserved_gib', 0):.1f} GiB (allocated / reserved)"
+              + (f"  | reference {timing['reference_s']:.1f} s, loop {timing['train_s']:.1f} s "
+                 f"({rec['loop_tokens_per_s']:.0f} tok/s)" if timing else ""), flush=True)
+        import shutil
+
+        shutil.rmtree(os.path.join(work, "runs", which), ignore_errors=True)  # a 4 GB model each
+        save()
+    if "trl" in out and "wall_s" in out.get("trl", {}) and "wall_s" in out["sspo"]:
+        s, t = out["sspo"], out["trl"]
+        peak = lambda r: r.get("cuda_peak_reserved_gib") or r["peak_rss_mib"]  # noqa: E731
+        out["sspo_over_trl"] = dict(speed=t["wall_s"] / s["wall_s"], train_speed=t["train_s"] / s["train_s"],
+                                    peak_memory=peak(s) / peak(t))
+        print(f"whole processes: sspo.py is {out['sspo_over_trl']['speed']:.2f}x TRL's speed (wall), "
+              f"{out['sspo_over_trl']['train_speed']:.2f}x (train time), at {out['sspo_over_trl']['peak_memory']:.2f}x its "
+              "peak memory", flush=True)
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    return out
 
 
-def main(tiny=False, out=None, batch_size=None, seq_len=None, steps=None):
-    run(tiny, out, batch_size, seq_len, steps)  # Fire would print a returned report
+# ================================================================================== the run
+
+def main(tiny=False, out=None, parts="gen,train,cli", slots_eager=True, systems="sspo,trl,sspo_shared"):
+    run(tiny, out, parts, slots_eager, systems)  # Fire would print a returned report
 
 
-def run(tiny=False, out=None, batch_size=None, seq_len=None, steps=None):
-    """Run the GPU measurements (or the tiny CPU shape) and write them as JSON.
+def run(tiny=False, out=None, parts="gen,train,cli", slots_eager=True, systems="sspo,trl,sspo_shared"):
+    """Run the GPU measurements (or the tiny shapes on a CPU) and write them as JSON.
 
     Args:
-      tiny: a tiny shape that runs on CPU in seconds (the test of this script)
+      tiny: tiny shapes that run on a CPU in seconds (the test of this script)
       out: JSON path; default $OUT/gpu.json when $OUT is set, else bench/results/gpu.json (tiny: none)
-      batch_size: pairs per step (default 4; tiny 2)
-      seq_len: tokens per sequence (default 1024; tiny 64)
-      steps: timed training steps per configuration (default 8; tiny 2)
+      parts: which parts to run, comma-separated: gen (sampling), train (the step), cli (whole processes vs TRL)
+      slots_eager: in gen, also the slots stepped eagerly from the host (beside graphs and HF generate)
+      systems: in cli, which whole processes, comma-separated: sspo, trl, sspo_shared
     """
+    parts = set(parts.split(",") if isinstance(parts, str) else parts)
+    systems = systems.split(",") if isinstance(systems, str) else list(systems)
     shape = dict(TINY if tiny else FULL)
-    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("steps", steps)):
-        if value is not None:
-            shape[name] = int(value)
+    alloc_conf = sspo.grow_cuda_segments()  # as sspo.py sets it, before CUDA starts
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not tiny:
         raise SystemExit("no GPU here: run with --tiny (a CPU smoke test), or on a GPU machine")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 master-weight ops outside autocast (optimizer, norms)
-    t0 = time.time()
-    report = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                  torch=torch.__version__, shape=shape)
-    import transformers
-
-    report["transformers"] = transformers.__version__
-    report["bf16_matmul_tflops"] = matmul_rate(device, shape["matmul_n"], torch.bfloat16, reps=10) / 1e12
-    print(f"{report['device']}: bf16 matmul {report['bf16_matmul_tflops']:.1f} TFLOP/s (n={shape['matmul_n']})", flush=True)
-
-    from accelerate import Accelerator
-
-    # as `sspo.py --mixed_precision bf16` on the GPU; the tiny CPU shape in fp32 (one accelerate state per
-    # process, and the tests' in-process sspo.py runs are fp32)
-    accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" else "no")
-    tokenizer = make_tokenizer(shape["vocab"])
-    model = make_model(shape, tokenizer, device)
-    report["params"] = sum(p.numel() for p in model.parameters())
-    examples = examples_for(shape)
-    report["train"] = []
-    for gc, share in ((False, False), (True, False), (False, True)):
-        r = train(accelerator, model, examples, tokenizer.pad_token_id, shape, device, gradient_checkpointing=gc,
-                  share_prompt=share)
-        r["mfu"] = r["step_tflops"] / report["bf16_matmul_tflops"]
-        r["ref_mfu"] = r["ref_tflops"] / report["bf16_matmul_tflops"]
-        report["train"].append(r)
-        print(f"train  gradient_checkpointing={gc!s:5} share_prompt={share!s:5}  {r['tokens_per_s']:9.0f} tok/s  MFU {r['mfu']:.1%}  "
-              f"peak {r['peak_memory_gib']:.2f} GiB  step {r['step_s'] * 1e3:.0f} ms  | reference pass "
-              f"{r['ref_tokens_per_s']:9.0f} tok/s, MFU {r['ref_mfu']:.1%}  | loss {r['first_loss']:.4g} -> {r['last_loss']:.4g}",
-              flush=True)
-    g = report["generation"] = generation(model, tokenizer, shape, device)
-    for name in ("slots", "hf_generate"):
-        r = g[name]
-        print(f"generate ({name:11}) {g['prompts']} prompts x K={g['k']} (batch {g['batch']}), {r['new_tokens']} new tokens in "
-              f"{r['seconds']:.1f} s: {r['new_tokens_per_s']:.0f} new tok/s, peak {r['peak_memory_gib']:.2f} GiB", flush=True)
-    report["seconds"] = time.time() - t0
     if out is None and not tiny:
         out = os.path.join(os.environ["OUT"], "gpu.json") if os.environ.get("OUT") else os.path.join(ROOT, "bench/results/gpu.json")
-    if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {out}")
+    t0 = time.time()
+    import transformers
+
+    report = dict(when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                  device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                  torch=torch.__version__, transformers=transformers.__version__, cuda_alloc_conf=alloc_conf, shape=shape)
+    report["bf16_matmul_tflops"] = matmul_rate(device, shape["matmul_n"], torch.bfloat16, reps=10) / 1e12
+    report["copy_gb_per_s"] = copy_bandwidth(device, shape["copy_gib"]) / 1e9
+    print(f"{report['device']}: bf16 matmul {report['bf16_matmul_tflops']:.1f} TFLOP/s, copy {report['copy_gb_per_s']:.0f} GB/s; "
+          f"torch {torch.__version__}, transformers {transformers.__version__}", flush=True)
+
+    def save():
+        report["seconds"] = time.time() - t0
+        if out:
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            with open(out, "w") as f:
+                json.dump(report, f, indent=2)
+
+    def part(name, fn):
+        t = time.time()
+        try:
+            report[name] = fn()
+        except Exception as e:  # noqa: BLE001  (one part failing must not lose the others' numbers)
+            traceback.print_exc()
+            report[name] = dict(error=f"{type(e).__name__}: {e}")
+        print(f"[{name}: {time.time() - t:.0f} s, {time.time() - t0:.0f} s in all]", flush=True)
+        save()
+
+    if "gen" in parts:
+        def gen():
+            tokenizer = make_tokenizer(shape["gen"]["vocab"])
+            model = make_model(shape["gen"], tokenizer, device)
+            result = generation(model, tokenizer, shape, device, report["copy_gb_per_s"] * 1e9, slots_eager)
+            result["params"] = sum(p.numel() for p in model.parameters())
+            return result
+        part("generation", gen)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if "train" in parts:
+        def steps():
+            from accelerate import Accelerator
+
+            # as `sspo.py --mixed_precision bf16` on the GPU; on a CPU fp32 (one accelerate state per process)
+            accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" else "no")
+            tokenizer = make_tokenizer(shape["train"]["vocab"])
+            model = make_model(shape["train"], tokenizer, device)
+            examples = examples_for(shape, shape["train"]["vocab"])
+            result = dict(params=sum(p.numel() for p in model.parameters()), configs=[])
+            for share in (False, True):
+                r = train(accelerator, model, examples, tokenizer.pad_token_id, shape, device, share_prompt=share)
+                r["mfu"] = r["step_tflops"] / report["bf16_matmul_tflops"]
+                r["ref_mfu"] = r["ref_tflops"] / report["bf16_matmul_tflops"]
+                result["configs"].append(r)
+                print(f"train  share_prompt={share!s:5}  {r['tokens_per_s']:9.0f} tok/s  MFU {r['mfu']:.1%}  peak "
+                      f"{r['peak_allocated_gib']:.2f} / {r['peak_reserved_gib']:.2f} GiB  step {r['step_s'] * 1e3:.0f} ms  | "
+                      f"reference pass {r['ref_tokens_per_s']:9.0f} tok/s, MFU {r['ref_mfu']:.1%}  | loss "
+                      f"{r['first_loss']:.4g} -> {r['last_loss']:.4g}", flush=True)
+            del model
+            return result
+        part("train", steps)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if "cli" in parts:
+        report["whole_processes"] = {}
+        part("whole_processes", lambda: whole_processes(shape, device, report["whole_processes"], save, systems))
+        w, steady = report["whole_processes"], report.get("train", {}).get("configs")
+        if steady and "loop_tokens_per_s" in w.get("sspo", {}):
+            layout = w["sspo"].get("share_prompt_used", False)
+            rate = next(c["tokens_per_s"] for c in steady if c["share_prompt"] == layout)
+            w["cli_loop_over_steady_step"] = w["sspo"]["loop_tokens_per_s"] / rate
+            print(f"the CLI's training loop runs at {w['cli_loop_over_steady_step']:.0%} of the steady step's tokens/s "
+                  f"(same shape and layout)", flush=True)
+            save()
+    print(f"done in {time.time() - t0:.0f} s" + (f"; wrote {out}" if out else ""), flush=True)
     return report
 
 

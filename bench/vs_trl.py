@@ -36,6 +36,7 @@ alternate (A B, B A, ...) so drift in the machine's load hits both alike. Measur
   pi_t at step 0) against sspo.py's reference log-probs (ref_logps.pt) of the same pairs.
 Results: bench/results/vs_trl.json and the "sspo.py vs TRL DPOTrainer" section of bench/RESULTS.md.
 """
+import itertools
 import json
 import math
 import os
@@ -88,10 +89,14 @@ def make_tokenizer(folder, vocab_size=16384, seed=0):
     return tiny.chat_tokenizer(tok, folder), words, weights
 
 
-def make_model(folder, tokenizer, seed=0):
-    """A random-weight Llama (d 384, 8 layers, GQA 6/2 heads, MLP 1024, tied embeddings: ~19M), saved in folder."""
-    return tiny.make_llama(folder, vocab_size=len(tokenizer), hidden=384, layers=8, heads=6, kv_heads=2, intermediate=1024,
-                           max_positions=1024, seed=seed)
+CPU_SHAPE = dict(hidden=384, layers=8, heads=6, kv_heads=2, intermediate=1024)  # ~19M with the 16k vocabulary
+
+
+def make_model(folder, tokenizer, seed=0, shape=None, device="cpu"):
+    """A random-weight Llama of `shape` (default CPU_SHAPE: d 384, 8 layers, GQA 6/2 heads, MLP 1024, tied
+    embeddings), built on `device` and saved in folder."""
+    return tiny.make_llama(folder, vocab_size=len(tokenizer), max_positions=1024, seed=seed, device=device,
+                           **(shape or CPU_SHAPE))
 
 
 def make_scored(path, tokenizer, words, weights, prompts=64, k=4, prompt_tokens=64, response_tokens=128, spread=0.25,
@@ -103,12 +108,13 @@ def make_scored(path, tokenizer, words, weights, prompts=64, k=4, prompt_tokens=
     a text's tokens are its words' tokens).
     """
     rng = random.Random(seed + 1)
+    cum = list(itertools.accumulate(weights))  # what rng.choices(words, weights) builds at every call: the same draws
     cost = dict(zip(words, (len(e.ids) for e in tokenizer.backend_tokenizer.encode_batch(words, add_special_tokens=False))))
 
     def text(n_tokens):
         out, n = [], 0
         while n < n_tokens:
-            w = rng.choices(words, weights)[0]
+            w = rng.choices(words, cum_weights=cum)[0]
             out.append(w)
             n += cost[w]
         return " ".join(out)
@@ -126,8 +132,9 @@ def make_scored(path, tokenizer, words, weights, prompts=64, k=4, prompt_tokens=
                                 "responses": [text(rng.randint(lo, hi)) for _ in range(k)], "pref": pref, "sim": sim}) + "\n")
 
 
-def build_work(work, prompts, max_length, seed=0):
-    """Model, tokenizer, scored file and the picked pairs with their token ids, in `work`; returns a summary."""
+def build_work(work, prompts, max_length, seed=0, shape=None, device="cpu", prompt_tokens=64, response_tokens=128):
+    """Model (make_model's shape and device), tokenizer, scored file and the picked pairs with their token ids,
+    in `work`; returns a summary."""
     import sspo
 
     model_dir, scored = os.path.join(work, "model"), os.path.join(work, "scored.jsonl")
@@ -135,8 +142,9 @@ def build_work(work, prompts, max_length, seed=0):
         shutil.rmtree(work)
     os.makedirs(model_dir)
     tokenizer, words, weights = make_tokenizer(model_dir, seed=seed)
-    model = make_model(model_dir, tokenizer, seed=seed)
-    make_scored(scored, tokenizer, words, weights, prompts=prompts, seed=seed)
+    model = make_model(model_dir, tokenizer, seed=seed, shape=shape, device=device)
+    make_scored(scored, tokenizer, words, weights, prompts=prompts, prompt_tokens=prompt_tokens,
+                response_tokens=response_tokens, seed=seed)
     pairs, stats = sspo.load_pairs(scored, "sppo_hard", 0.55, 0.95)  # taus unused: sppo_hard takes raw win rates
     examples, truncated = sspo.tokenize_pairs(pairs, tokenizer, max_length)
     if truncated:
@@ -209,19 +217,57 @@ def child_sspo(work, out, cfg, share_prompt=None):
     args = ["--data", cfg["scored"], "--model", cfg["model"], "--output_dir", out, "--loss", "sppo_hard",
             "--beta", cfg["beta"], "--lr", cfg["lr"], "--batch_size", cfg["batch_size"], "--epochs", cfg["epochs"],
             "--max_length", cfg["max_length"], "--seed", 0, "--save_every", 0, "--optimizer", "rmsprop",
-            "--warmup_ratio", 0.1, "--lr_schedule", "linear", "--max_grad_norm", 1.0, "--mixed_precision", "no"]
+            "--warmup_ratio", 0.1, "--lr_schedule", "linear", "--max_grad_norm", 1.0,
+            "--mixed_precision", "bf16" if cfg.get("device") == "cuda" else "no"]
     if share_prompt is not None:
         args += ["--share_prompt", share_prompt]
     sys.argv = [os.path.join(ROOT, "sspo.py"), *map(str, args)]
     runpy.run_path(os.path.join(ROOT, "sspo.py"), run_name="__main__")
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        first = json.loads(f.readline())
-    return dict(clock, first_step_loss=first["loss"], first_step=first)
+        steps = [json.loads(line) for line in f]
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    first = steps[0]
+    return dict(clock, first_step_loss=first["loss"], first_step=first, timing=summary.get("timing"),
+                step_tokens_per_s=[round(s["tokens_per_s"]) for s in steps],  # where in the loop the time goes
+                share_prompt_used=summary.get("share_prompt_used"), **cuda_memory())
+
+
+def cuda_memory():
+    """Peak GPU memory of this process, allocated and reserved (GiB), or {} on a CPU."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    return dict(cuda_peak_allocated_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
+                cuda_peak_reserved_gib=torch.cuda.max_memory_reserved() / 2 ** 30)
+
+
+def datasets_hashing_off():
+    """datasets fingerprints each transform by pickling it; on some Python / pyarrow pairs (3.12 with a GPU
+    image's pyarrow) that pickling fails inside TRL's preprocessing. Caching off, and a hash that cannot be
+    computed replaced by a random one (what datasets itself does for most such failures)."""
+    import uuid
+
+    import datasets
+    from datasets import fingerprint
+
+    datasets.disable_caching()
+    update = fingerprint.Hasher.update
+
+    def tolerant(self, value):
+        try:
+            update(self, value)
+        except Exception:  # noqa: BLE001  (any pickling failure)
+            update(self, uuid.uuid4().hex)
+    fingerprint.Hasher.update = tolerant
 
 
 def child_trl(work, out, cfg):
     """TRL's DPOTrainer(loss_type="sppo_hard") on the same pairs and settings; train() then save_model()."""
     clock, undo = install_clock()
+    if cfg.get("device") == "cuda":
+        datasets_hashing_off()
     try:
         return _trl_run(work, out, cfg, clock)
     finally:
@@ -241,11 +287,12 @@ def _trl_run(work, out, cfg, clock):
                                "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
     tokenizer = AutoTokenizer.from_pretrained(cfg["model"])
     model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32)
+    cuda = cfg.get("device") == "cuda"
     args = DPOConfig(output_dir=out, loss_type=["sppo_hard"], beta=cfg["beta"], learning_rate=cfg["lr"],
                      per_device_train_batch_size=cfg["batch_size"], gradient_accumulation_steps=1,
                      num_train_epochs=cfg["epochs"], max_length=cfg["max_length"], optim="rmsprop", weight_decay=0.0,
                      lr_scheduler_type="linear", warmup_steps=0.1, max_grad_norm=1.0, seed=0,
-                     bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False,
+                     bf16=cuda, fp16=False, use_cpu=not cuda, gradient_checkpointing=False,
                      precompute_ref_log_probs=cfg["trl_precompute"], train_sampling_strategy=cfg["trl_sampling"],
                      report_to="none", logging_steps=1, save_strategy="no", eval_strategy="no",
                      dataloader_num_workers=0)
@@ -265,7 +312,7 @@ def _trl_run(work, out, cfg, clock):
     trainer.train()
     trainer.save_model(out)
     first = next(log for log in kept if "loss" in log)
-    return dict(clock, first_step_loss=first["loss"], first_step=first, same_token_ids=same)
+    return dict(clock, first_step_loss=first["loss"], first_step=first, same_token_ids=same, **cuda_memory())
 
 
 def run_child(which, work, out, cfg, threads):
@@ -302,7 +349,9 @@ def run_child(which, work, out, cfg, threads):
                 user_s=usage.ru_utime, system_s=usage.ru_stime, minor_faults=usage.ru_minflt,
                 child_peak_rss_mib=child["maxrss_kib"] / 1024, optimizer_steps=child["steps"],
                 first_step_loss=child["first_step_loss"], first_step=child["first_step"],
-                load_before=load_before, load_after=os.getloadavg(), log=out + ".log")
+                load_before=load_before, load_after=os.getloadavg(), log=out + ".log",
+                **{k: child[k] for k in ("timing", "share_prompt_used", "cuda_peak_allocated_gib", "cuda_peak_reserved_gib",
+                                         "step_tokens_per_s") if k in child})
 
 
 # =============================================================================== the report
@@ -430,8 +479,8 @@ def main(repeats=3, prompts=64, batch_size=4, max_length=512, beta=1e-3, lr=5e-7
             cfg = json.load(f)
         if child in ("trl", "trl_malloc"):
             record = child_trl(work, child_out, cfg)
-        else:  # sspo: its default (the prompt shared); sspo_apart: --share_prompt False
-            record = child_sspo(work, child_out, cfg, share_prompt=False if child == "sspo_apart" else None)
+        else:  # sspo: its default layout; sspo_apart: --share_prompt False; sspo_shared: --share_prompt True
+            record = child_sspo(work, child_out, cfg, share_prompt={"sspo_apart": False, "sspo_shared": True}.get(child))
         usage = resource.getrusage(resource.RUSAGE_SELF)
         record.update(maxrss_kib=usage.ru_maxrss, user_s=usage.ru_utime, system_s=usage.ru_stime,
                       minor_faults=usage.ru_minflt)

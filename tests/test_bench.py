@@ -18,28 +18,38 @@ def load_bench(name):
 
 
 def test_gpu_script_runs_tiny_on_cpu(tmp_path):
+    """Every part of bench/gpu.py on its tiny shapes: sampling three ways, the training step in both layouts,
+    and sspo.py as whole processes (TRL too where it is installed)."""
     gpu = load_bench("gpu")
     out = tmp_path / "gpu.json"
     report = gpu.run(tiny=True, out=str(out))
-    assert json.loads(out.read_text())["params"] == report["params"]
-    assert [(r["gradient_checkpointing"], r["share_prompt"]) for r in report["train"]] == [(False, False), (True, False), (False, True)]
-    assert report["train"][2]["fed_tokens_per_step"] < report["train"][2]["tokens_per_step"] == report["train"][0]["fed_tokens_per_step"]
-    for r in report["train"]:
-        assert r["tokens_per_s"] > 0 and r["ref_tokens_per_s"] > 0 and r["mfu"] > 0 and r["peak_memory_gib"] > 0
+    assert json.loads(out.read_text())["train"]["params"] == report["train"]["params"]
+    g = report["generation"]
+    assert g["slots_work"] and g["graphs_answers_equal_eager_slots"]  # the block path samples what the slots do
+    for name in ("graphs", "slots_eager", "hf_generate"):
+        assert 0 < g[name]["new_tokens"] <= g["prompts"] * g["k"] * g["max_new_tokens"] and g[name]["new_tokens_per_s"] > 0
+    assert g["graphs"]["new_tokens"] == g["hf_generate"]["new_tokens"]  # the same answers, by the paths
+    assert 0 < g["graphs_share_of_bandwidth_limit"] < 1
+    configs = report["train"]["configs"]
+    assert [c["share_prompt"] for c in configs] == [False, True]
+    assert configs[1]["fed_tokens_per_step"] < configs[1]["tokens_per_step"] == configs[0]["fed_tokens_per_step"]
+    for r in configs:
+        assert r["tokens_per_s"] > 0 and r["ref_tokens_per_s"] > 0 and r["mfu"] > 0 and r["peak_allocated_gib"] > 0
         # step 0: pi_theta = pi_t, so a = 0 and the sspo loss is eta^2 ((3/4 - 1/2)^2 + (3/10 - 1/2)^2) + a repulsion
         # <= 0.1 (up to float32 rounding of numbers near 1e5)
         assert r["first_loss"] == pytest.approx(102500, abs=0.2)
         assert r["last_loss"] < r["first_loss"]  # the steps train
-    g = report["generation"]
-    for r in (g["slots"], g["hf_generate"]):
-        assert 0 < r["new_tokens"] <= g["prompts"] * g["k"] * g["max_new_tokens"] and r["new_tokens_per_s"] > 0
-    assert g["slots"]["new_tokens"] == g["hf_generate"]["new_tokens"]  # the same answers, by the two paths
+    w = report["whole_processes"]
+    for which in ("sspo", "sspo_shared"):
+        assert w[which]["optimizer_steps"] == 2 and w[which]["timing"]["train_steps"] == 2  # 4 pairs, batch 2
+        assert w[which]["first_step_loss"] == pytest.approx(0.5 / 1e-3 ** 2)  # sppo_hard at step 0: 2 (eta/2)^2
+    assert w["sspo_shared"]["share_prompt_used"] and w["cli_loop_over_steady_step"] > 0
 
 
 def test_gpu_flop_count_matches_a_hand_count():
     gpu = load_bench("gpu")
     tokenizer = gpu.make_tokenizer(512)
-    shape = dict(gpu.TINY)
+    shape = dict(gpu.TINY["train"])
     model = gpu.make_model(shape, tokenizer, "cpu")
     d, f, L, v, kv = shape["hidden"], shape["intermediate"], shape["layers"], shape["vocab"], shape["kv_heads"]
     head_dim = d // shape["heads"]

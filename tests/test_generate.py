@@ -179,14 +179,55 @@ def test_slots_sample_what_hf_generate_samples(tiny_model_dir, monkeypatch, temp
     monkeypatch.setattr(generate, "move_columns", counted_move)
     monkeypatch.setattr(generate.SlotPool, "shrink", counted_shrink)
 
-    def sample(slots):
-        out = generate.stream_responses(lm, tokenizer, encoded, seeds, 3, 12, temperature, 0.9, 6, slots=slots)
+    def sample(slots, graphs=False, max_new_tokens=12):
+        out = generate.stream_responses(lm, tokenizer, encoded, seeds, 3, max_new_tokens, temperature, 0.9, 6,
+                                        slots=slots, graphs=graphs)
         return dict(out)
     with_slots, with_generate = sample(True), sample(False)
     assert with_slots == with_generate
     if temperature:  # answers of many lengths: slots refilled at many points, and every path of the pool ran
         assert len({n for r in with_slots.values() for n in r["num_tokens"]}) > 3
         assert calls["admit"] >= 6 and calls["moved"] and calls["shrunk"]
+    # the block path (what a GPU captures as a graph, run eagerly here): its static step, sampling on the
+    # device with uniforms drawn a block ahead, tokens read once a block
+    assert sample(True, graphs=True) == with_generate
+    calls.update(admit=0, moved=0, shrunk=0)
+    monkeypatch.setattr(generate, "BLOCK", 4)  # answers over many blocks, live columns moved between them
+    assert sample(True, graphs=True, max_new_tokens=40) == sample(False, max_new_tokens=40)
+    if temperature:
+        assert calls["admit"] >= 6 and calls["moved"] and calls["shrunk"]
+
+
+def test_block_steps_equal_single_steps(tiny_model_dir):
+    """The block path's premises, apart: static_step's logits (a fixed span of columns, col on the device)
+    are step()'s, and a block's uniforms, torch.rand(BLOCK) of a stream, are BLOCK single draws of it."""
+    lm, tokenizer = load_causal_lm(tiny_model_dir)
+    prompts = [prompt_ids(tokenizer, p) for p in PROMPTS]
+    pools = [generate.SlotPool(lm, 8, 20, 3, max(map(len, prompts))) for _ in range(2)]
+    for pool in pools:
+        pool.admit(prompts, [[(i, 0), (i, 1)] for i in range(len(prompts))])
+        pool.col_t.fill_(pool.col)
+    for n in range(5):
+        token = torch.arange(8) * 7 + n
+        eager, static = pools
+        eager.next[:], static.next[:] = token, token
+        bound = static.width if n % 2 else static.col + 1 + n  # the whole buffer, or a span past the written columns
+        torch.testing.assert_close(static.static_step(bound), eager.step(), rtol=1e-5, atol=1e-5)
+        static.col += 1
+        assert int(static.col_t) == static.col and torch.equal(static.pos, eager.pos)
+    g1, g2 = (torch.Generator().manual_seed(11) for _ in range(2))
+    assert torch.equal(torch.rand(generate.BLOCK, generator=g1), torch.stack([torch.rand((), generator=g2) for _ in range(generate.BLOCK)]))
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.7, 0.9), (1.0, 1.0), (0.0, 0.9), (2.0, 0.5)])
+def test_draw_on_device_picks_what_draw_picks(temperature, top_p):
+    """The same uniforms give the same tokens: peaked rows (draw's top-256 path) and flat ones (its full sort)."""
+    torch.manual_seed(0)
+    scores = torch.cat([torch.randn(6, 1000) * 8, torch.randn(6, 1000) * 0.01])  # peaked, then nearly flat
+    streams = [torch.Generator().manual_seed(i) for i in range(12)]
+    u = torch.stack([torch.rand((), generator=torch.Generator().manual_seed(i)) for i in range(12)])
+    assert torch.equal(generate.draw(scores, streams, temperature, top_p),
+                       generate.draw_on_device(scores, u, temperature, top_p))
 
 
 def test_slots_work_checks_the_model(tiny_model_dir, capsys):
