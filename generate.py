@@ -301,10 +301,29 @@ def load_model(model, dtype):
     return lm.eval(), tokenizer
 
 
+TESTED_TRANSFORMERS = ((5, 17), (5, 24))  # the oldest and newest release generate.py's slots are tested on
+
+
+def transformers_tested():
+    """None when the installed transformers lies in TESTED_TRANSFORMERS' range, else a line saying it does not."""
+    import transformers
+
+    version = tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit())
+    low, high = TESTED_TRANSFORMERS
+    if low <= version <= high:
+        return None
+    return (f"generate: transformers {transformers.__version__} is outside the range generate.py's slots are tested on "
+            f"({'.'.join(map(str, low))} to {'.'.join(map(str, high))}); they are checked against the model's own forward "
+            "before sampling and replaced by HF generate if they disagree")
+
+
 def slots_work(lm, tokenizer, length):
     """Whether SlotPool reproduces the model's own forward: its attention takes a 4-D mask as given
     (common.takes_4d_mask), and on two prompts of different lengths, three greedy steps give the logits
     of the model run on the whole sequences. Otherwise sampling falls back to HF generate, with a line."""
+    outside = transformers_tested()
+    if outside:
+        print(outside)
     if not takes_4d_mask(lm.config, length):
         why = f"its attention ({getattr(lm.config, '_attn_implementation', None)}, layer types) does not take a 4-D mask as given"
     else:

@@ -245,3 +245,28 @@ def test_slots_work_checks_the_model(tiny_model_dir, capsys):
     assert "slots not used" in capsys.readouterr().out
     got = generate.sample_responses(PROMPTS[:2], (bloom, tokenizer), k=2, max_new_tokens=4)  # and still samples
     assert got == generate.sample_responses(PROMPTS[:2], (bloom, tokenizer), k=2, max_new_tokens=4, slots=False)
+
+
+@pytest.mark.slow
+def test_slots_on_the_oldest_supported_transformers(tmp_path):
+    """The low end of requirements.txt's range (what GPU images carry), in an environment of its own: the slots and
+    the block path sample what HF generate samples there too (5.17 takes the cache as past_key_values)."""
+    low = ".".join(map(str, generate.TESTED_TRANSFORMERS[0])) + ".0"
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(site), f"transformers=={low}",
+                    "huggingface_hub<2", "tokenizers<0.24"], check=True, timeout=600)
+    script = (
+        "import sys, transformers, torch; sys.path[:0] = [%r, %r]\n"
+        "import tiny, generate\n"
+        "assert transformers.__version__ == %r, transformers.__version__\n"
+        "tok = tiny.make_tokenizer(); lm = tiny.make_llama(vocab_size=len(tok)).eval()\n"
+        "assert generate.slots_work(lm, tok, 64)\n"
+        "p = ['hello there', 'why', 'tell me about the dog and the cat , and the blue water']\n"
+        "hf = generate.sample_responses(p, (lm, tok), k=3, max_new_tokens=20, batch_size=4, slots=False)\n"
+        "assert generate.sample_responses(p, (lm, tok), k=3, max_new_tokens=20, batch_size=4, slots=True) == hf\n"
+        "assert generate.sample_responses(p, (lm, tok), k=3, max_new_tokens=20, batch_size=4, slots=True, graphs=True) == hf\n"
+        "print('ok', transformers.__version__)\n"
+    ) % (ROOT, os.path.join(ROOT, "tests"), low)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(site)})
+    assert out.returncode == 0 and f"ok {low}" in out.stdout, out.stderr[-2000:]
