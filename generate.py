@@ -15,6 +15,7 @@ The manual is `main`'s docstring (`python generate.py --help`). How it works, an
 - Under torchrun / `accelerate launch` the processes share each chunk of prompts; the main process
   gathers the results and writes them in input order, one flushed line per prompt (JsonlAppender).
 """
+import functools
 import hashlib
 import inspect
 import itertools
@@ -23,6 +24,7 @@ import weakref
 
 import torch
 
+from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from common import (PACKAGED_MODEL, JsonlAppender, UserError, check_same_run, cli, end_of_turn_id, field_error,
@@ -113,6 +115,7 @@ def grouped_decode_attention(module, query, key, value, attention_mask, dropout=
 
 
 GROUPED_DECODE = "sspo_grouped_decode"  # its name among transformers' attention functions
+AttentionInterface.register(GROUPED_DECODE, grouped_decode_attention)
 
 
 class SlotLayer(DynamicLayer):
@@ -251,9 +254,6 @@ class SlotPool:
         config, attention = self.lm.config, self.lm.config._attn_implementation
         self.bound = bound
         if attention == "sdpa":
-            from transformers import AttentionInterface
-
-            AttentionInterface.register(GROUPED_DECODE, grouped_decode_attention)
             config._attn_implementation = GROUPED_DECODE
         try:
             self.seen.index_fill_(1, self.col_t, True)
@@ -359,7 +359,7 @@ def stream_responses(lm, tokenizer, encoded, seeds, k, max_new_tokens, temperatu
     """Yield (i, result) for each prompt as its k responses finish: encoded[i] its token ids, seeds[i] the
     seeds of its k random streams. Prompts are admitted in the order given. slots: sample with SlotPool
     (None: where slots_work says so), else with HF generate in batches of batch_size sequences.
-    graphs: with slots, decode in blocks with the step captured as a CUDA graph (_block_stream); None: on a
+    graphs: with slots, decode in blocks with the step captured as a CUDA graph (_slot_stream); None: on a
     CUDA device. On a CPU, True runs the same block path with eager steps (what the tests check)."""
     stop = sorted({end_of_turn_id(tokenizer)} | ({tokenizer.eos_token_id} - {None}))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
@@ -367,7 +367,7 @@ def stream_responses(lm, tokenizer, encoded, seeds, k, max_new_tokens, temperatu
         slots = bool(encoded) and slots_work(lm, tokenizer, max(map(len, encoded)) + max_new_tokens)
     if graphs is None:
         graphs = next(lm.parameters()).device.type == "cuda"
-    sample = (_block_stream if graphs else _slot_stream) if slots else _generate_stream
+    sample = functools.partial(_slot_stream, blocks=graphs) if slots else _generate_stream
     for i, token_lists in sample(lm, encoded, seeds, k, max_new_tokens, temperature, top_p, batch_size, stop, pad):
         texts, counts, finished = [], [], []
         for tokens in token_lists:
@@ -377,45 +377,6 @@ def stream_responses(lm, tokenizer, encoded, seeds, k, max_new_tokens, temperatu
             counts.append(len(tokens))
             finished.append(end is not None)
         yield i, {"responses": texts, "num_tokens": counts, "finished": finished}
-
-
-def _slot_stream(lm, encoded, seeds, k, max_new_tokens, temperature, top_p, batch_size, stop, pad):
-    """(i, k token lists, each ending on its stop token if it has one) a prompt, from a SlotPool of
-    batch_size slots. New prompts are admitted once a quarter of the slots are free."""
-    slots = min(max(batch_size, k), k * len(encoded))  # no buffers for slots that would never be used
-    pool = SlotPool(lm, slots, max_new_tokens, pad, max(map(len, encoded), default=1))
-    queue, stops = list(range(len(encoded)))[::-1], set(stop)
-    tokens = [[[] for _ in range(k)] for _ in encoded]
-    left = [k] * len(encoded)  # responses of each prompt still being sampled
-    streams = {}
-    while queue or pool.busy():
-        free = len(pool.free())
-        if queue and (free >= max(k, pool.slots // 4) or not pool.busy()):  # admissions in bulk: prefill is cheaper by the batch
-            take = [queue.pop() for _ in range(min(len(queue), free // k))]
-            owners = [[(i, j) for j in range(k)] for i in take]
-            streams.update({(i, j): torch.Generator().manual_seed(seeds[i][j]) for i in take for j in range(k)})
-            slots, logits = pool.admit([encoded[i] for i in take], owners)
-        else:
-            slots = pool.busy()
-            logits = pool.step()[slots]
-        owners = [pool.owner[s] for s in slots]
-        picked = draw(logits, [streams[o] for o in owners], temperature, top_p)
-        pool.next[slots] = picked.to(pool.next.device)
-        ended, complete = [], []
-        for s, (i, j), t in zip(slots, owners, picked.tolist()):
-            tokens[i][j].append(t)
-            if t in stops or len(tokens[i][j]) == max_new_tokens:
-                ended.append(s)
-                del streams[(i, j)]
-                left[i] -= 1
-                if not left[i]:
-                    complete.append(i)
-        pool.release(ended)
-        if not queue:
-            pool.shrink()
-        for i in complete:
-            yield i, tokens[i]
-            tokens[i] = None
 
 
 BLOCK = 16  # decode steps between two looks at the sampled tokens on the block path (end of turn, admissions)
@@ -499,41 +460,50 @@ class StepGraphs:
             return None
 
 
-def _block_stream(lm, encoded, seeds, k, max_new_tokens, temperature, top_p, batch_size, stop, pad, capture=True):
-    """_slot_stream's results, decoded in blocks of BLOCK steps by StepGraphs: sampling on the device, the
-    step captured once per shape on a GPU. Each slot's BLOCK uniforms come from its own stream at the
-    block's start (torch.rand(n) draws what n single draws would), so the answers are _slot_stream's.
-    A sequence that ends inside a block runs on to its end (those tokens are dropped), so a slot's
-    buffer room is max_new_tokens + BLOCK; admissions and shrinking happen between blocks."""
-    slots = min(max(batch_size, k), k * len(encoded))
-    pool = SlotPool(lm, slots, max_new_tokens + BLOCK, pad, max(map(len, encoded), default=1))
-    steps = StepGraphs(pool, BLOCK, temperature, top_p, capture and pool.device.type == "cuda")
+def _slot_stream(lm, encoded, seeds, k, max_new_tokens, temperature, top_p, batch_size, stop, pad, blocks=False):
+    """(i, k token lists, each ending on its stop token if it has one) a prompt, from a SlotPool of
+    batch_size slots. New prompts are admitted once a quarter of the slots are free.
+
+    blocks False: one decode step at a time, each token drawn on the host (draw). blocks True: decode in
+    blocks of BLOCK steps with StepGraphs (sampling on the device; on a CUDA device each step captured once
+    as a CUDA graph). Each slot's BLOCK uniforms come from its own stream at the block's start (torch.rand(n)
+    draws what n single draws would), so the answers are the same. A sequence that ends inside a block runs
+    on to the block's end (those tokens are dropped), so a slot needs BLOCK - 1 more columns; admissions
+    and shrinking happen between blocks, and the pool shrinks by halves (few shapes, so few captures)."""
+    block = BLOCK if blocks else 1
+    slots = min(max(batch_size, k), k * len(encoded))  # no buffers for slots that would never be used
+    pool = SlotPool(lm, slots, max_new_tokens + block - 1, pad, max(map(len, encoded), default=1))
+    steps = StepGraphs(pool, block, temperature, top_p, pool.device.type == "cuda") if blocks else None
     queue, stops = list(range(len(encoded)))[::-1], set(stop)
     tokens = [[[] for _ in range(k)] for _ in encoded]
-    left = [k] * len(encoded)
+    left = [k] * len(encoded)  # responses of each prompt still being sampled
     streams = {}
     while queue or pool.busy():
         free = len(pool.free())
-        ended, complete = [], []
-        if queue and (free >= max(k, pool.slots // 4) or not pool.busy()):
+        if queue and (free >= max(k, pool.slots // 4) or not pool.busy()):  # admissions in bulk: prefill is cheaper by the batch
             take = [queue.pop() for _ in range(min(len(queue), free // k))]
             owners = [[(i, j) for j in range(k)] for i in take]
             streams.update({(i, j): torch.Generator().manual_seed(seeds[i][j]) for i in take for j in range(k)})
             slots, logits = pool.admit([encoded[i] for i in take], owners)
-            picked = draw(logits, [streams[o] for o in (pool.owner[s] for s in slots)], temperature, top_p)
-            pool.next[slots] = picked.to(pool.next.device)
-            sampled = {s: [t] for s, t in zip(slots, picked.tolist())}
+        elif steps is None:
+            slots = pool.busy()
+            logits = pool.step()[slots]
         else:
-            busy = pool.busy()
-            uniforms = torch.zeros(pool.slots, BLOCK)
-            for s in busy:
-                uniforms[s] = torch.rand(BLOCK, generator=streams[pool.owner[s]])
-            block = steps.run_block(uniforms)
-            sampled = {s: block[s] for s in busy}
-        for s, new in sampled.items():
+            slots, logits = pool.busy(), None
+            uniforms = torch.zeros(pool.slots, block)
+            for s in slots:
+                uniforms[s] = torch.rand(block, generator=streams[pool.owner[s]])
+            sampled = steps.run_block(uniforms)
+            new = [sampled[s] for s in slots]
+        if logits is not None:
+            picked = draw(logits, [streams[pool.owner[s]] for s in slots], temperature, top_p)
+            pool.next[slots] = picked.to(pool.next.device)
+            new = [[t] for t in picked.tolist()]
+        ended, complete = [], []
+        for s, sampled_s in zip(slots, new):
             i, j = pool.owner[s]
             seq = tokens[i][j]
-            for t in new:
+            for t in sampled_s:
                 seq.append(t)
                 if t in stops or len(seq) == max_new_tokens:
                     ended.append(s)
@@ -543,10 +513,10 @@ def _block_stream(lm, encoded, seeds, k, max_new_tokens, temperature, top_p, bat
                         complete.append(i)
                     break
         pool.release(ended)
-        if not queue and len(pool.busy()) <= pool.slots // 2:  # halving: few shapes, so few captures
+        if not queue and (steps is None or len(pool.busy()) <= pool.slots // 2):
             before = pool.slots
             pool.shrink()
-            if pool.slots != before:
+            if steps is not None and pool.slots != before:
                 steps.resize()
         for i in complete:
             yield i, tokens[i]
