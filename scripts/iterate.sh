@@ -21,6 +21,8 @@
 #                  e.g. "python experiments/near_duplicates/overconfident.py --threshold 0.8" (a corrupted
 #                  oracle); sspo.py then trains on iter<t>/rewritten.jsonl. Unset: no such stage
 #   OUT            output folder (default runs/iterate)
+#   DATA_ONLY      1: iteration ITERS stops before training, after its samples, scores (and rewrite), so the
+#                  training data can be inspected first; a later run without it goes on from there
 #   PYTHON         interpreter (default .venv/bin/python where it exists, else python)
 #   LAUNCH         prefix for generate.py and sspo.py on several devices, e.g. "accelerate launch ...";
 #                  oracle.py and evaluate.py run as one process
@@ -134,6 +136,10 @@ for ((t = 1; t <= ITERS; t++)); do
     run_stage "$stale" "$dir/rewritten.jsonl" "${rewrite[@]}" --data "$dir/scored.jsonl" --out "$dir/rewritten.jsonl"
     stale=$((stale | RAN))
     train_data="$dir/rewritten.jsonl"
+  fi
+  if [[ "${DATA_ONLY:-0}" == 1 && "$t" == "$ITERS" ]]; then
+    echo "== DATA_ONLY=1: stopped before training iteration $t ($train_data)"
+    exit 0
   fi
   run_stage "$stale" "$dir/model" "${launch[@]}" sspo.py --data "$train_data" "${policy[@]}" \
     --output_dir "$dir/model" --resume --seed "$((SEED + t))" "${train_opts[@]}" "${sspo_args[@]}" "$@"

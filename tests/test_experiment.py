@@ -231,14 +231,19 @@ def test_iterate_runs_the_rewrite_stage(tiny_model_dir, models, tmp_path):
                EMBEDDER=models["embedder"], OUT=str(out), PROMPTS=train, HELDOUT="none", REWRITE=rewrite,
                SSPO_ARGS="--batch_size 2 --max_length 64 --loss sppo", GENERATE_ARGS="--batch_size 8", OMP_NUM_THREADS="1")
 
-    def iterate():
-        result = subprocess.run(["bash", os.path.join(ROOT, "scripts", "iterate.sh")], env=env, capture_output=True, text=True)
+    def iterate(**more):
+        result = subprocess.run(["bash", os.path.join(ROOT, "scripts", "iterate.sh")], env={**env, **more},
+                                capture_output=True, text=True)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         return [line for line in result.stdout.splitlines() if line.startswith("== ")]
 
+    data_only = iterate(DATA_ONLY="1")  # the training data, to inspect before training
+    assert data_only[-1] == f"== DATA_ONLY=1: stopped before training iteration 1 ({out}/iter1/rewritten.jsonl)"
+    assert (out / "iter1" / "rewritten.jsonl.done").exists() and not (out / "iter1" / "model").exists()
     first = iterate()
+    assert f"== skip, already done: {out}/iter1/rewritten.jsonl" in first
     rewritten = out / "iter1" / "rewritten.jsonl"
-    assert any("overconfident.py" in line for line in first) and (out / "iter1" / "rewritten.jsonl.done").exists()
+    assert any("overconfident.py" in line for line in data_only) and any("sspo.py" in line for line in first)
     assert all(len(row["corrupted"]) == 3 for row in _read_jsonl(rewritten))
     config = json.loads((out / "iter1" / "model" / "run_config.json").read_text())
     assert config["data"] == str(rewritten)  # sspo.py trained on the rewritten file

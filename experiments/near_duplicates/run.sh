@@ -11,7 +11,9 @@
 # sspo_gate (--rep_weight 0: gating alone); sspo_rep (--tau_low 1 --tau_high 2: the gate is 0 for every
 # similarity <= 1, so repulsion alone). Conditions: clean (the rule oracle as is); overconfident
 # (overconfident.py between oracle.py and sspo.py: confident verdicts in a random direction on every pair of
-# answers with similarity >= THRESHOLD); random (CONTROL=1: CONTROL_SHARE of all pairs, whatever their similarity).
+# answers with similarity >= THRESHOLD); random (CONTROL=1: CONTROL_SHARE of all pairs, whatever their similarity);
+# adversarial (adversarial.py: confident verdicts AGAINST graded rule credit on the same pairs; issue 23's
+# experiments/adversarial/run.sh runs it, once per seed, through this script).
 #
 # Every arm and condition starts from the same files: the base model's held-out answers and iteration 1's
 # samples and scores are made once (by the first run that needs them) and copied with `cp -a` (which keeps the stage markers'
@@ -30,7 +32,9 @@
 # TRAIN_PROMPTS (data/demo_train.jsonl) and TRAIN_N (128: its first N), HELDOUT (data/demo_heldout.jsonl),
 # K (4), HELDOUT_K (4), MAX_NEW_TOKENS (96), ITERS (3), SEED (0), THRESHOLD (0.8), CONTROL (0),
 # CONTROL_SHARE (0.25), ARMS and CONDITIONS (space-separated subsets), SSPO_ARGS (make demo's), GENERATE_ARGS,
-# RUNS (runs/near_duplicates: models and stage files), DEST (experiments/near_duplicates), PYTHON, LAUNCH.
+# RUNS (runs/near_duplicates: models and stage files), DEST (experiments/near_duplicates), PYTHON, LAUNCH,
+# RESULTS (the command run after each arm and condition; default: results.py --folder DEST), DATA_ONLY (1: only
+# iteration 1's samples, scores and rewrites of each condition, no training: to inspect them first).
 # A finished stage is not redone when a setting changes (iterate.sh sees files, not flags): after changing
 # one, remove what it touches first (e.g. rm -rf runs/near_duplicates/overconfident for a new THRESHOLD).
 set -euo pipefail
@@ -76,7 +80,8 @@ rewrite_command() {  # iterate.sh's REWRITE of a condition (empty: none)
     clean) echo "" ;;
     overconfident) echo "$PYTHON $here/overconfident.py --threshold $THRESHOLD --seed $SEED" ;;
     random) echo "$PYTHON $here/overconfident.py --pairs random --share $CONTROL_SHARE --seed $SEED" ;;
-    *) echo "error: unknown condition '$1' (known: clean overconfident random)" >&2; return 2 ;;
+    adversarial) echo "$PYTHON $here/adversarial.py --threshold $THRESHOLD" ;;
+    *) echo "error: unknown condition '$1' (known: clean overconfident random adversarial)" >&2; return 2 ;;
   esac
 }
 
@@ -137,15 +142,22 @@ collect() {  # collect CONDITION ARM T: what results.py reads, into DEST
 }
 
 results() {
-  local embed=()
+  local embed=() command
   if [[ -n "${EMBEDDER:-}" ]]; then embed=(--embedder "$EMBEDDER"); fi
-  "$PYTHON" "$here/results.py" --folder "$DEST" --threshold "$THRESHOLD" "${embed[@]}"
+  if [[ -n "${RESULTS:-}" ]]; then
+    read -r -a command <<< "$RESULTS"
+    "${command[@]}" "${embed[@]}"
+  else
+    "$PYTHON" "$here/results.py" --folder "$DEST" --threshold "$THRESHOLD" "${embed[@]}"
+  fi
 }
 
 # The plan, from the stage times of make demo's settings on a 2-core CPU (tenths of a minute): sampling
-# 128 prompts x 4 25, training 40, held-out 60 x 4 13, the oracle 5, evaluation 2, extract and results.py 3.
+# 128 prompts x 4 25, training 40, held-out 13 per 60 x 4 answers, the oracle 5, evaluation 2, extract and
+# results.py 3.
+heldout=$((13 * $(grep -c . "$HELDOUT") * HELDOUT_K / 240))
 calls=0 todo=0 tenths=0
-if ! compgen -G "$RUNS/*/*/iter1/scored.jsonl.done" > /dev/null; then tenths=$((13 + 25 + 5)); fi
+if ! compgen -G "$RUNS/*/*/iter1/scored.jsonl.done" > /dev/null; then tenths=$((heldout + 25 + 5)); fi
 for ((t = 1; t <= ITERS; t++)); do
   for condition in "${conditions[@]}"; do
     for arm in "${arms[@]}"; do
@@ -153,14 +165,19 @@ for ((t = 1; t <= ITERS; t++)); do
       if [[ -e "$DEST/data/$condition/$arm/iter$ITERS/summary.json" ]]; then continue; fi  # skipped below
       if [[ ! -e "$RUNS/$condition/$arm/iter$t/report.json.done" ]]; then
         todo=$((todo + 1))
-        tenths=$((tenths + 40 + 13 + 2 + 3 + (t > 1 ? 25 + 5 : 0)))
+        tenths=$((tenths + 40 + heldout + 2 + 3 + (t > 1 ? 25 + 5 : 0)))
       fi
     done
   done
 done
-echo "== plan: ${#conditions[@]} conditions (${conditions[*]}) x ${#arms[@]} arms (${arms[*]}) x $ITERS iterations" \
+data_only="${DATA_ONLY:-0}"
+if [[ "$data_only" == 1 ]]; then
+  ITERS=1
+  echo "== DATA_ONLY=1: iteration 1's samples, scores and rewrites of ${conditions[*]}, no training; runs in $RUNS"
+else echo "== plan: ${#conditions[@]} conditions (${conditions[*]}) x ${#arms[@]} arms (${arms[*]}) x $ITERS iterations" \
   "= $calls iterate.sh calls, $todo still to run: about $((tenths / 600)) h $((tenths % 600 / 10)) min" \
   "at make demo's stage times (2-core CPU); runs in $RUNS, results in $DEST"
+fi
 
 mkdir -p "$RUNS" "$DEST"
 prompts="$RUNS/train_prompts.jsonl"
@@ -182,20 +199,22 @@ for arm in "${arms[@]}"; do
       mapfile -t flags < <(arm_flags "$arm")
       echo "== $condition / $arm: iteration $t of $ITERS"
       start="$SECONDS" call=""
-      if [[ ! -e "$out/iter$t/report.json.done" ]]; then  # a call that only skips finished stages is not timed
+      if [[ "$data_only" == 0 && ! -e "$out/iter$t/report.json.done" ]]; then  # a call that only skips is not timed
         call="{\"condition\": \"$condition\", \"arm\": \"$arm\", \"iteration\": $t"
       fi
       REWRITE="$(rewrite_command "$condition")" ITERS="$t" OUT="$out" PYTHON="$PYTHON" ORACLE=rule LOSS='' \
         K="$K" HELDOUT_K="$HELDOUT_K" MAX_NEW_TOKENS="$MAX_NEW_TOKENS" SEED="$SEED" PROMPTS="$prompts" \
-        HELDOUT="$HELDOUT" SSPO_ARGS="$SSPO_ARGS" GENERATE_ARGS="$GENERATE_ARGS" \
+        HELDOUT="$HELDOUT" SSPO_ARGS="$SSPO_ARGS" GENERATE_ARGS="$GENERATE_ARGS" DATA_ONLY="$data_only" \
         bash scripts/iterate.sh "${flags[@]}"
       record_time false
+      if [[ "$data_only" == 1 ]]; then continue; fi
       collect "$condition" "$arm" "$t"
     done
-    if [[ "$changed" == 1 || ! -e "$DEST/results.json" ]]; then
+    if [[ "$data_only" == 0 && ( "$changed" == 1 || ! -e "$DEST/results.json" ) ]]; then
       results  # after each arm and condition: partial results to commit
       changed=0
     fi
   done
 done
+if [[ "$data_only" == 1 ]]; then echo "== done: iteration 1's data in $RUNS"; exit 0; fi
 echo "== done: $DEST/results.json, $DEST/RESULTS.md, $DEST/plot.png (commit $DEST; $RUNS stays out of git)"
