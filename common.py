@@ -2,15 +2,17 @@
 
 - UserError and `cli`: a mistake the user can fix ends in one line on stderr and exit code 2.
 - `gc_paused`: Python's garbage collector kept off the millions of objects that loading makes.
-- Files: `read_jsonl` and `read_json` (errors name file:line, undecodable bytes included), `field_error`,
-  `JsonlAppender` (kill-safe appends, resumable by id), `cut_partial_line`, `check_same_run` (a resumed
-  file was made with the same settings), `atomic_write_text` / `atomic_write_json`.
+- Files: `read_jsonl` and `read_json` (errors name file:line, undecodable bytes and JSON nested deeper than
+  the parser takes included), `field_error`, `JsonlAppender` (kill-safe appends, resumable by id, one writer
+  at a time), `lock_output` (one writer per output file or folder), `cut_partial_line`, `check_same_run` (a
+  resumed file was made with the same settings), `atomic_write_text` / `atomic_write_json`.
 - Models: `resolve_model` / `load_causal_lm` take a hub id, a local folder or one of the packaged
   defaults (PACKAGED_MODEL, PACKAGED_EMBEDDER), which ship inside PyPI packages and need no hub.
 - The chat template: `prompt_ids` and `end_of_turn_id`, used by training and by sampling alike, so
   the tokens scored in training are the tokens sampled in generation.
 """
 import contextlib
+import errno
 import gc
 import json
 import os
@@ -97,21 +99,32 @@ def _open_input(path):
         raise UserError(os_error(e, path)) from None
 
 
+def _parse(path, n, text):
+    """json.loads with every way the parser can refuse a text as one `path:n:` line: invalid JSON, nesting
+    deeper than Python's recursion allows (RecursionError), a number too long to convert (ValueError)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno if n is None else n}: not valid JSON ({e.msg}, column {e.colno})") from None
+    except RecursionError:
+        raise UserError(f"{path}:{n or 1}: JSON nested too deeply for the parser (about {sys.getrecursionlimit()} "
+                        "levels or more)") from None
+    except ValueError as e:  # e.g. an integer longer than sys.get_int_max_str_digits()
+        raise UserError(f"{path}:{n or 1}: JSON the parser cannot take ({_first_line(e)})") from None
+
+
 def read_jsonl(path):
     """Yield (line_number, object) for each non-blank line of a JSONL file.
 
-    Raises UserError naming file and line for a missing file, bytes that are not UTF-8, invalid JSON
-    or a non-object line.
+    Raises UserError naming file and line for a missing file, bytes that are not UTF-8, JSON that is
+    invalid or that the parser cannot take (too deep, too long a number), or a non-object line.
     """
     with _open_input(path) as f:
         for n, raw in enumerate(f, 1):
             line = _decode(path, n, raw)
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
+            obj = _parse(path, n, line)
             if not isinstance(obj, dict):
                 raise UserError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
             yield n, obj
@@ -121,10 +134,7 @@ def read_json(path):
     """The JSON object in a file (a report, run_config.json), with read_jsonl's one-line errors."""
     with _open_input(path) as f:
         lines = [_decode(path, n, raw) for n, raw in enumerate(f, 1)]
-    try:
-        obj = json.loads("".join(lines))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+    obj = _parse(path, None, "".join(lines))
     if not isinstance(obj, dict):
         raise UserError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     return obj
@@ -178,17 +188,73 @@ def cut_partial_line(path):
     return keep
 
 
+_held_locks = {}  # lock file -> its descriptor, for each lock this process holds: open until the process exits
+
+
+def _take_lock(fd, lock, path, what, pid):
+    """flock `fd` (open on the file `lock`) for the output `path`, and write `pid` into it; a UserError naming
+    the holder's pid when another process has it."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES):
+            raise UserError(os_error(e, lock)) from None
+        with open(lock) as f:
+            holder = f.read().strip() or "unknown"
+        raise UserError(f"{path}: another process (pid {holder}) is writing it: wait for it to end, stop it, "
+                        f"or choose another {what}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{pid}\n".encode())
+
+
+def lock_output(path, folder=False, what="--out"):
+    """Hold an exclusive OS lock on the output `path` (a file; folder=True: a folder) until this process ends.
+
+    The lock is an advisory flock on `<path>.lock` (a folder: `<path>/.lock`), which holds the holder's pid.
+    The kernel releases it when the process ends, however it ends (kill -9 included), so no lock is ever
+    left stale; the small file stays. A second writer gets a UserError naming the holder's pid before it
+    changes anything. Readers take no lock. Taking a lock this process holds already is a no-op (a script's
+    main() called twice in one Python session). Where flock does not exist (Windows) nothing is locked.
+    """
+    lock = os.path.abspath(os.path.join(path, ".lock") if folder else f"{path}.lock")
+    if sys.platform == "win32" or lock in _held_locks:
+        return
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(lock)), exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o666)
+    except OSError as e:
+        raise UserError(os_error(e)) from None  # the path it names: the folder that is a file, or the lock
+    try:
+        _take_lock(fd, lock, path, what, os.getpid())
+    except BaseException:
+        os.close(fd)
+        raise
+    _held_locks[lock] = fd
+
+
+def lock_fd(path, pid, fd=9):
+    """scripts/iterate.sh's lock on its OUT folder: flock the descriptor `fd` that the shell opened on
+    OUT/.lock and passed down. The lock belongs to the open file, which the shell keeps open after this
+    process ends, so it lasts as long as the script (see lock_output for the rest)."""
+    _take_lock(fd, os.path.join(path, ".lock"), path, "OUT", pid)
+
+
 class JsonlAppender:
     """Append JSON objects to a file, one whole line per write, so a kill never leaves a line half read.
 
-    Opening repairs what a kill or a full disk may have left (a last line with no newline is cut off)
-    and collects the ids already written (`done`), so a re-run appends only what is missing.
+    Opening takes the file's writer lock (`lock_output`; lock=False where the caller holds its folder's),
+    repairs what a kill or a full disk may have left (a last line with no newline is cut off) and
+    collects the ids already written (`done`), so a re-run appends only what is missing.
     """
 
-    def __init__(self, path, id_field="id"):
+    def __init__(self, path, id_field="id", lock=True):
         self.path, self.done = path, set()
         if os.path.isdir(path):
             raise UserError(f"{path}: is a folder; the output must be a file")
+        if lock:
+            lock_output(path)
         try:
             if os.path.exists(path):
                 cut_partial_line(path)

@@ -323,7 +323,7 @@ def _is_json(text):
     fenced = FENCE.match(text)  # small models often wrap JSON in a ```json fence: accepted
     try:
         json.loads(fenced.group(1) if fenced else text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser takes, no JSON to us either
         return False
     return True
 

@@ -616,20 +616,28 @@ def remove_checkpoints(output_dir):
 # wait_for_everyone or reduce); the rest do the main process's part alone where they say so.
 
 def finished(output_dir, resume, keep_checkpoint):
-    """True when output_dir holds a finished model and --resume asks for nothing more; an error when a
-    finished or an unfinished run is in the way of a new one."""
+    """True when output_dir holds a finished model and --resume asks for nothing more (it only reads: no
+    lock); an error when a finished model is in the way of a new run."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise UserError(f"{output_dir}: --output_dir is a file, not a folder")
-    if os.path.exists(os.path.join(output_dir, DONE_FILE)):
-        if resume:
-            if not keep_checkpoint:  # what a kill right after summary.json left
-                remove_checkpoints(output_dir)
-            print(f"{output_dir}: already complete ({DONE_FILE} exists); nothing to do")
-            return True
+    done = os.path.exists(os.path.join(output_dir, DONE_FILE))
+    if done and resume:
+        if not keep_checkpoint:  # what a kill right after summary.json left
+            remove_checkpoints(output_dir)
+        print(f"{output_dir}: already complete ({DONE_FILE} exists); nothing to do")
+        return True
+    if done:
         raise UserError(f"{output_dir} already holds a finished model: choose another --output_dir")
+    return False
+
+
+def claim_run_dir(output_dir, resume):
+    """Before the first write: the main process takes the folder's writer lock (common.lock_output: a second
+    run on it stops here, naming the first's pid); then an error when an unfinished run is in the way."""
+    if int(os.environ.get("RANK", "0")) == 0:  # the main process (RANK: set by every launcher)
+        common.lock_output(output_dir, folder=True, what="--output_dir")
     if not resume and (find_checkpoint(output_dir) or os.path.exists(os.path.join(output_dir, "metrics.jsonl"))):
         raise UserError(f"{output_dir} holds an unfinished run: add --resume to continue it, or choose another --output_dir")
-    return False
 
 
 def open_run_dir(output_dir, resume, config):
@@ -953,6 +961,7 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
     rep_weight = rep_weight if loss == "sspo" else 0.0  # repulsion belongs to sspo alone (§4)
     # Everything a user can get wrong is checked before a model is loaded or a file written.
     pairs, stats = load_pairs(str(data), loss, tau_low, tau_high)
+    claim_run_dir(output_dir, resume)
 
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -996,7 +1005,7 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
               f"{'yes' if share else 'no'}); {total} optimizer steps of "
               f"{global_batch} pairs on {world} process(es); starting at step {start}")
 
-    log = common.JsonlAppender(metrics_path, id_field="step") if main_process else None
+    log = common.JsonlAppender(metrics_path, id_field="step", lock=False) if main_process else None  # the folder is locked
     bar = tqdm(total=total, initial=start, desc=f"{loss} training", disable=not main_process)
     t_train, train_tokens = time.time(), 0.0
     for step in range(start, total):

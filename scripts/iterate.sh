@@ -35,6 +35,8 @@
 # exist, and resumes the one that was killed (generate.py and oracle.py append what is missing, sspo.py
 # --resume continues from its checkpoint). Once a stage has run, every stage made from its output is
 # redone from scratch. Delete a stage's output to redo it and what follows.
+# One run per OUT: a second iterate.sh on the same OUT stops at once (exit 2) with a line naming the first's
+# pid (an OS lock on OUT/.lock, which the kernel frees when this script ends, a kill -9 included).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -95,12 +97,15 @@ run_stage() {
   fi
   rm -f "$output.done"
   echo "== $*"
-  "$@"
+  "$@" 9>&-  # the stage does not inherit OUT's lock: a kill -9 of this script frees it at once
   touch "$output.done"
   RAN=1
 }
 
 mkdir -p "$OUT"
+exec 9>> "$OUT/.lock"  # held, through this descriptor, until the script ends
+"$PYTHON" -c 'import sys, common; sys.argv[1:] = ["--path", sys.argv[1], "--pid", sys.argv[2]]; common.cli(common.lock_fd)' \
+  "$OUT" "$$"
 mapfile -t judge < <(flag oracle "$ORACLE"; flag oracle_model "$ORACLE_MODEL")
 mapfile -t sampling < <(flag max_new_tokens "$MAX_NEW_TOKENS")
 

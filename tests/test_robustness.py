@@ -277,13 +277,12 @@ def _latin1(path):
     return path
 
 
-def test_every_reader_names_the_file_and_line_of_bytes_that_are_not_utf8(tiny_model_dir, tmp_path):
-    message = "{}:2: not valid UTF-8 (byte 0xe9 at column 16)"
+def _every_reader(tiny_model_dir, tmp_path, bad):
+    """{name: call} of every script's reader of a user's JSONL file, each reading `bad` and writing tmp_path/out."""
     (tmp_path / "good.jsonl").write_text(GOOD)
     good = str(tmp_path / "good.jsonl")
-    bad = _latin1(tmp_path / "bad.jsonl")
     out = tmp_path / "out"
-    calls = {
+    return {
         "sspo.py --data": lambda: sspo.main(data=str(bad), model="unused", output_dir=str(out)),
         "oracle.py --data": lambda: oracle.main(data=str(bad), out=str(out), oracle="rule"),
         "generate.py --prompts": lambda: generate.main(model=tiny_model_dir, prompts=str(bad), out=str(out)),
@@ -293,7 +292,12 @@ def test_every_reader_names_the_file_and_line_of_bytes_that_are_not_utf8(tiny_mo
                                                           oracle="rule", out=str(out)),
         "evaluate.py --curves": lambda: evaluate.main(curves=str(bad), plot_out=str(out)),
     }
-    for name, call in calls.items():
+
+
+def test_every_reader_names_the_file_and_line_of_bytes_that_are_not_utf8(tiny_model_dir, tmp_path):
+    message = "{}:2: not valid UTF-8 (byte 0xe9 at column 16)"
+    bad, out = _latin1(tmp_path / "bad.jsonl"), tmp_path / "out"
+    for name, call in _every_reader(tiny_model_dir, tmp_path, bad).items():
         with pytest.raises(common.UserError) as e:
             call()
         assert str(e.value) == message.format(bad), name
@@ -303,6 +307,32 @@ def test_every_reader_names_the_file_and_line_of_bytes_that_are_not_utf8(tiny_mo
     with pytest.raises(common.UserError) as e:
         evaluate.main(plot=str(report), plot_out=str(out))
     assert str(e.value) == f"{report}:3: not valid UTF-8 (byte 0xff at column 12)" and not out.exists()
+
+
+def test_every_reader_takes_json_the_parser_cannot_as_one_line(tiny_model_dir, tmp_path):
+    """A prompt nested 200,000 deep (RecursionError inside json) and a 5,000-digit number (ValueError)."""
+    deep, long = tmp_path / "deep.jsonl", tmp_path / "long.jsonl"
+    deep.write_text(GOOD + '{"id": "b", "prompt": ' + "[" * 200_000 + "]" * 200_000 + "}\n")
+    long.write_text(GOOD + '{"id": "b", "step": ' + "9" * 5000 + "}\n")
+    out = tmp_path / "out"
+    for bad, message in ((deep, f"{deep}:2: JSON nested too deeply for the parser (about {sys.getrecursionlimit()} "
+                                "levels or more)"),
+                         (long, f"{long}:2: JSON the parser cannot take (Exceeds the limit (4300 digits)")):
+        for name, call in _every_reader(tiny_model_dir, tmp_path, bad).items():
+            with pytest.raises(common.UserError) as e:
+                call()
+            assert str(e.value).startswith(message), (name, str(e.value)[:200])
+            assert not out.exists(), name
+    answer = "[" * 200_000 + "]" * 200_000  # an answer the rule oracle grades: valid JSON to a reader, not to the parser
+    assert oracle.constraint_score(answer, [{"type": "json"}], "graded") == 0.0
+    report = tmp_path / "report.json"
+    report.write_text('{"a": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    with pytest.raises(common.UserError, match=f"^{report}:1: JSON nested too deeply"):
+        evaluate.main(plot=str(report), plot_out=str(out))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sspo.py"), "--data", str(deep), "--output_dir", str(out)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.splitlines() == [f"error: {deep}:2: JSON nested too deeply for the parser "
+                                                           f"(about {sys.getrecursionlimit()} levels or more)"]
 
 
 def test_run_config_json_with_bad_bytes_on_resume(uninterrupted, tmp_path):
@@ -398,11 +428,11 @@ def test_a_damaged_model_folder_is_one_line_and_writes_nothing(uninterrupted, ti
     for name, (damage, message) in expected.items():
         model = broken(name, damage)
         for call in (lambda: sspo.main(data=str(uninterrupted / "scored.jsonl"), model=str(model), output_dir=str(out)),
-                     lambda: generate.main(model=str(model), prompts=str(prompts), out=str(out), max_new_tokens=4)):
+                     lambda: generate.main(model=str(model), prompts=str(prompts), out=str(out / "r.jsonl"), max_new_tokens=4)):
             with pytest.raises(common.UserError) as e:
                 call()
             assert str(e.value) == message.format(model)
-            assert not out.exists()
+            assert sorted(os.listdir(out)) in ([".lock"], [".lock", "r.jsonl.lock"])  # the writers' locks, nothing else
     for path, message in ((prompts, "a file, not a model folder"), (tmp_path / "missing", "no such model folder")):
         with pytest.raises(common.UserError) as e:
             common.load_causal_lm(str(path))
@@ -442,6 +472,8 @@ def token(path):
     return open(f).readline().strip() if os.path.isfile(f) else ""
 if os.path.basename(args[0]) == "evaluate.py":
     sys.exit(0)
+if args[0] == "-c":  # iterate.sh's own code (its OUT lock): the real interpreter runs it
+    os.execv(sys.executable, [sys.executable] + args)
 out = value("--out") or value("--output_dir")
 target = os.path.join(out, "made.txt") if "--output_dir" in args else out
 os.makedirs(os.path.dirname(target), exist_ok=True)
