@@ -43,10 +43,40 @@ def cli(fn):
         message = str(e)
     except OSError as e:  # the file system said no (a full disk, a folder where a file goes, no permission)
         message = os_error(e)
+    except RuntimeError as e:
+        message = _peer_failed(e)
+        if message is None:
+            raise
     gc.collect()  # the failed call's frames go, and their progress bars close now, above the error, not after it
     gc.freeze()
-    print(f"error: {message}", file=sys.stderr)
+    _close_progress_bars()
+    dist = sys.modules.get("torch.distributed")
+    several = dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    # several processes share the terminal: another one's progress bar may hold the line this one would continue
+    print(f"{chr(10) if several else ''}error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def _close_progress_bars():
+    """End every open tqdm bar's line, so the error starts a line of its own (a bar a frame still holds stays
+    open past gc.collect: under several processes the main one's, for instance)."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
+def _peer_failed(e):
+    """The one line of a process whose collective broke because another process of the run ended (its own
+    error is printed by that process); None for any other RuntimeError. Exiting at once, with this line,
+    is what ends the whole run within seconds: waiting would last until the collective's timeout."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return None
+    text = str(e)
+    if not any(s in text for s in ("closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")):
+        return None
+    return (f"process {dist.get_rank()} of {dist.get_world_size()} stopped: another process of this run failed "
+            "(its error is above)")
 
 
 @contextlib.contextmanager

@@ -541,3 +541,48 @@ def test_iterate_redoes_what_a_kill_between_two_stages_left_stale(tmp_path):
     os.remove(out / "iter2" / "model.done")
     iterate()
     assert _stale(out) == [] and _made(out / "iter2" / "model")[2]
+
+
+# ------------------------------------------------------------------------ a failure on one of several processes
+
+FAIL_ON_ONE_RANK = """
+import os, sys
+import common, sspo
+rank, where = int(os.environ["RANK"]), os.environ["FAIL_WHERE"]
+save, step = sspo.save_checkpoint, sspo.optimizer_step
+def failing_save(accelerator, output_dir, at):
+    if rank == 0:  # the main process finds its disk full; the other is already saving its part
+        raise common.UserError(f"{output_dir}: cannot write (No space left on device)")
+    save(accelerator, output_dir, at)
+def failing_step(*args, **kw):
+    if rank == 1 and failing_step.calls == 1:  # the second step of the other process meets a bad input
+        raise common.UserError("data.jsonl:7: field 'prompt': found late")
+    failing_step.calls += 1
+    return step(*args, **kw)
+failing_step.calls = 0
+if where == "save":
+    sspo.save_checkpoint = failing_save
+else:
+    sspo.optimizer_step = failing_step
+sys.argv = ["sspo.py"] + sys.argv[1:]
+common.cli(sspo.main)
+"""
+
+
+@pytest.mark.parametrize("where, line", [("save", "error: {out}: cannot write (No space left on device)"),
+                                         ("step", "error: data.jsonl:7: field 'prompt': found late")])
+def test_a_failure_on_one_process_ends_all_of_them_with_its_line(tiny_model_dir, tmp_path, where, line):
+    """Two CPU processes under torchrun: the failing one prints its line and exits 2; the other, waiting in a
+    collective, stops within seconds (not at the collective's 30-minute timeout) with one line of its own."""
+    script = tmp_path / "fail.py"
+    script.write_text(FAIL_ON_ONE_RANK)
+    data, out = write_scored(tmp_path / "scored.jsonl", n=12), tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29571",
+                        str(script), "--data", str(data), "--model", tiny_model_dir, "--output_dir", str(out),
+                        "--batch_size", "2", "--save_every", "2"], capture_output=True, text=True, cwd=ROOT,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", FAIL_WHERE=where, PYTHONPATH=ROOT), timeout=180)
+    assert r.returncode != 0
+    lines = r.stderr.splitlines()
+    assert line.format(out=out) in lines, r.stderr[-3000:]  # on a line of its own, not after a progress bar
+    assert not any(l.startswith("Traceback") for l in lines[:lines.index(line.format(out=out)) + 1])
+    assert not (out / "summary.json").exists()
