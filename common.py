@@ -5,7 +5,8 @@
 - Files: `read_jsonl` and `read_json` (errors name file:line, undecodable bytes and JSON nested deeper than
   the parser takes included), `field_error`, `JsonlAppender` (kill-safe appends, resumable by id, one writer
   at a time), `lock_output` (one writer per output file or folder), `cut_partial_line`, `check_same_run` (a
-  resumed file was made with the same settings), `atomic_write_text` / `atomic_write_json`.
+  resumed file was made with the same settings), `atomic_write_text` / `atomic_write_json` (fsynced),
+  `fsync_tree` / `fsync_dir` (what is renamed into place is on the disk first).
 - Models: `resolve_model` / `load_causal_lm` take a hub id, a local folder or one of the packaged
   defaults (PACKAGED_MODEL, PACKAGED_EMBEDDER), which ship inside PyPI packages and need no hub.
 - The chat template: `prompt_ids` and `end_of_turn_id`, used by training and by sampling alike, so
@@ -332,9 +333,37 @@ def check_same_run(path, field, value):
         return
 
 
+def fsync_dir(path):
+    """Make the entries of a folder durable: a rename into it, or a file made in it, survives a power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path):
+    """fsync the file `path`, or every file under the folder `path` and then every folder (deepest first),
+    and last `path`'s parent: once it returns, all of it is on the disk as it is now, whatever a power loss
+    does next. Rename into place only after this, or the rename may reach the disk before the contents do."""
+    path = os.path.abspath(path)
+    walk = [(os.path.dirname(path), [], [os.path.basename(path)])] if os.path.isfile(path) else os.walk(path, topdown=False)
+    for root, _, files in walk:
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if root != os.path.dirname(path):
+            fsync_dir(root)
+    fsync_dir(os.path.dirname(path))
+
+
 def atomic_write_text(path, text):
-    """Write `text` to `path` through a temporary file and a rename: readers never see half a file,
-    and a failure (a full disk) leaves the old file as it was."""
+    """Write `text` to `path` through a temporary file, fsynced, and a rename: readers never see half a file,
+    a failure (a full disk) leaves the old file as it was, and after a power loss the path holds the old
+    text or the new one, never an empty file (the folder is fsynced after the rename)."""
     d = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(d, exist_ok=True)
@@ -347,7 +376,10 @@ def atomic_write_text(path, text):
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a result file should read like any other
         with os.fdopen(fd, "wb") as f:
             f.write(text.encode("utf-8", "backslashreplace"))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(d)
     except OSError as e:
         os.unlink(tmp)
         raise UserError(os_error(e, path)) from None
@@ -482,6 +514,12 @@ def _load_causal_lm(name, dtype, attn_implementation):
     except (*load_errors(), ImportError) as e:
         raise UserError(f"cannot load model '{name}': {_first_line(e)}") from None
     return model, tokenizer
+
+
+def model_context(config):
+    """The most tokens a model reads (max_position_embeddings or n_positions of its config), or None."""
+    return next((v for v in (getattr(config, a, None) for a in ("max_position_embeddings", "n_positions"))
+                 if isinstance(v, int)), None)
 
 
 def takes_4d_mask(config, length):

@@ -28,6 +28,7 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from common import (PACKAGED_MODEL, JsonlAppender, UserError, check_same_run, cli, end_of_turn_id, field_error,
+                    model_context,
                     load_causal_lm, prompt_ids, read_rows, resolve_model, takes_4d_mask)
 
 CHUNK_PROMPTS = 64  # prompts a process samples per written chunk: a kill loses about one chunk a process
@@ -569,23 +570,29 @@ def sample_responses(prompts, model=PACKAGED_MODEL, k=4, max_new_tokens=512, tem
     return results
 
 
-def _sample_vllm(prompts, model, k, max_new_tokens, temperature, top_p, seed, ids):
-    """The same contract as sample_responses, with vllm. Untested here (no vllm on these machines)."""
+def _sample_vllm(path, rows, model, k, max_new_tokens, temperature, top_p, seed):
+    """The HF path's contract with vllm, for [(line, row)] of the prompts file: each response is a request of
+    its own, seeded with response_seed as the HF path seeds each response's generator; a prompt that does
+    not fit the engine's context with room for --max_new_tokens is refused as check_prompt_lengths does.
+    Tested with a stand-in engine (tests/test_generate.py), not with vllm itself (not installed here)."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=resolve_model(model), seed=seed)
     tokenizer = llm.get_tokenizer()
     stop = [end_of_turn_id(tokenizer)]
-    requests = [{"prompt_token_ids": prompt_ids(tokenizer, p)} for p in prompts]
-    params = [SamplingParams(n=k, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                             stop_token_ids=stop, seed=response_seed(seed, i, 0)) for i in ids]
-    results = []
-    for request in llm.generate(requests, params):
-        outs = request.outputs
-        results.append({"responses": [o.text for o in outs],
-                        "num_tokens": [len([t for t in o.token_ids if t not in stop]) for o in outs],
-                        "finished": [o.finish_reason == "stop" for o in outs]})
-    return results
+    context = llm.llm_engine.model_config.max_model_len
+    requests, params = [], []
+    for n, row in rows:
+        ids = prompt_ids(tokenizer, row["prompt"])
+        _check_fits(path, n, len(ids), max_new_tokens, context)
+        for j in range(k):
+            requests.append({"prompt_token_ids": ids})
+            params.append(SamplingParams(n=1, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+                                         stop_token_ids=stop, seed=response_seed(seed, row["id"], j)))
+    outs = [request.outputs[0] for request in llm.generate(requests, params)]
+    return [{"responses": [o.text for o in outs[i:i + k]],
+             "num_tokens": [len([t for t in o.token_ids if t not in stop]) for o in outs[i:i + k]],
+             "finished": [o.finish_reason == "stop" for o in outs[i:i + k]]} for i in range(0, len(outs), k)]
 
 
 def read_prompts(path):
@@ -600,14 +607,15 @@ def read_prompts(path):
 def check_prompt_lengths(path, rows, lm, tokenizer, max_new_tokens):
     """A prompt the model cannot read whole, with room for --max_new_tokens, is an error naming its line:
     past its context a model samples garbage (or fails deep inside) rather than refusing."""
-    config = lm.config
-    context = next((v for v in (getattr(config, a, None) for a in ("max_position_embeddings", "n_positions"))
-                    if isinstance(v, int)), None)
+    context = model_context(lm.config)
     for n, row in rows if context else ():
-        length = len(prompt_ids(tokenizer, row["prompt"]))
-        if length + max_new_tokens > context:
-            raise field_error(path, n, "prompt", f"{length} tokens, + --max_new_tokens {max_new_tokens}, exceed the "
-                              f"model's context of {context} tokens: shorten the prompt or lower --max_new_tokens")
+        _check_fits(path, n, len(prompt_ids(tokenizer, row["prompt"])), max_new_tokens, context)
+
+
+def _check_fits(path, n, length, max_new_tokens, context):
+    if length + max_new_tokens > context:
+        raise field_error(path, n, "prompt", f"{length} tokens, + --max_new_tokens {max_new_tokens}, exceed the "
+                          f"model's context of {context} tokens: shorten the prompt or lower --max_new_tokens")
 
 
 def main(model=PACKAGED_MODEL, prompts="data/demo_train.jsonl", out="responses.jsonl", k=4, max_new_tokens=512,
@@ -616,7 +624,7 @@ def main(model=PACKAGED_MODEL, prompts="data/demo_train.jsonl", out="responses.j
 
     python generate.py --model PATH_OR_ID --prompts prompts.jsonl --out responses.jsonl --k 4
     torchrun --nproc_per_node 8 generate.py ...   # or `accelerate launch`: each process takes a share
-    python generate.py --engine vllm ...          # where vllm is installed (untested here: no vllm)
+    python generate.py --engine vllm ...          # where vllm is installed (tested here with a stand-in engine)
 
     Input: one {"id", "prompt", ...} object a line, ids unique. Output (METHOD.md §5): the input's
     fields + "responses" [K str], "num_tokens" [K int] (the end-of-turn token excluded), "finished"
@@ -633,7 +641,7 @@ def main(model=PACKAGED_MODEL, prompts="data/demo_train.jsonl", out="responses.j
         top_p: nucleus sampling mass; 0.9 as SPPO
         seed: base seed; each response's stream is seeded from (seed, id, sample index), so the file does not depend on batching, processes or resumes
         batch_size: sequences sampled at once (slots); memory ~ batch_size x (longest prompt + 2 x max_new_tokens) x the KV bytes of a token
-        engine: "hf" (transformers generate) or "vllm" (if installed; untested here)
+        engine: "hf" (transformers generate) or "vllm" (if installed; seeded per response like hf)
         dtype: model weights: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16", "float16"
     """
     from accelerate import PartialState
@@ -660,8 +668,8 @@ def main(model=PACKAGED_MODEL, prompts="data/demo_train.jsonl", out="responses.j
         if state.num_processes > 1:
             raise UserError("--engine vllm runs as one process (vllm shards the model itself): use python, not a launcher")
         bar, t0 = tqdm(total=len(todo), unit="prompt"), time.time()
-        results = _sample_vllm([r["prompt"] for r in todo], model, k, max_new_tokens, temperature, top_p, seed,
-                               [r["id"] for r in todo])
+        results = _sample_vllm(prompts, [(n, row) for n, row in rows if row["id"] not in done], model, k,
+                               max_new_tokens, temperature, top_p, seed)
         chunks = [(todo, results)]
         bar.update(len(todo))
     else:

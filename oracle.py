@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from common import (PACKAGED_EMBEDDER, PACKAGED_MODEL, JsonlAppender, UserError, check_same_run, cli, field_error,
-                    load_causal_lm, load_errors, load_tokenizer, prompt_ids, read_rows, resolve_model)
+                    load_causal_lm, load_errors, load_tokenizer, model_context, prompt_ids, read_rows, resolve_model)
 
 CHUNK_BATCHES = 8  # rows are scored and written in chunks of about this many full batches
 
@@ -249,12 +249,38 @@ class JudgeOracle(PairwiseOracle):
         if any(len(ids) != 1 for ids in labels) or labels[0] == labels[1]:
             raise UserError(f"judge '{model}': the answer labels {self.LABELS} must be two distinct single tokens")
         self.label_ids = [ids[0] for ids in labels]
+        self.context, self.cut = model_context(self.model.config), 0
 
     def encode_pairs(self, row):
-        """The judge question, y_i shown first, as a user turn of the judge's own chat template."""
+        """The judge question, y_i shown first, as a user turn of the judge's own chat template; cut to the
+        judge's context where it does not fit (`fit`)."""
         ys = row["responses"]
-        return [prompt_ids(self.tokenizer, self.TEMPLATE.format(prompt=row["prompt"], first=ys[i], second=ys[j]))
-                for i, j in _pairs(len(ys))]
+        return [self.fit(row["prompt"], ys[i], ys[j]) for i, j in _pairs(len(ys))]
+
+    def fit(self, prompt, first, second):
+        """The question's ids; over the judge's context, the request and the two responses are cut to fair
+        shares of the room left (a part shorter than its share gives the rest to the others): the request
+        keeps its end (where the question usually is), each response its beginning, and a cut is marked "...".
+        Counted in self.cut; main() prints how many questions were cut."""
+        ids = prompt_ids(self.tokenizer, self.TEMPLATE.format(prompt=prompt, first=first, second=second))
+        if self.context is None or len(ids) <= self.context:
+            return ids
+        self.cut += 1
+        parts = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in (prompt, first, second)]
+        room = self.context - (len(ids) - sum(map(len, parts))) - 12  # the template's own tokens, the marks, re-tokenizing
+        while True:
+            keep, left, todo = {}, room, sorted(range(3), key=lambda p: len(parts[p]))
+            for n, p in enumerate(todo):  # shortest first: each takes at most an equal share of what is left
+                keep[p] = min(len(parts[p]), max(left, 0) // (3 - n))
+                left -= keep[p]
+            text = [self.tokenizer.decode(parts[0][len(parts[0]) - keep[0]:]) if keep[0] else ""]
+            text += [self.tokenizer.decode(parts[p][:keep[p]]) for p in (1, 2)]
+            text = ["..." + text[0] if keep[0] < len(parts[0]) else text[0]] + \
+                   [t + "..." if keep[p] < len(parts[p]) else t for p, t in ((1, text[1]), (2, text[2]))]
+            ids = prompt_ids(self.tokenizer, self.TEMPLATE.format(prompt=text[0], first=text[1], second=text[2]))
+            if len(ids) <= self.context or room <= 0:
+                return ids[-self.context:]
+            room -= len(ids) - self.context
 
     @torch.no_grad()
     def score(self, batch):
@@ -582,6 +608,9 @@ def main(data="responses.jsonl", out="scored.jsonl", oracle="pairrm", oracle_mod
             bar.update(len(chunk))
         bar.close()
     dt = time.time() - t0
+    if getattr(backend if todo else None, "cut", 0):
+        print(f"oracle: {backend.cut} judge questions were longer than the judge's context of {backend.context} "
+              "tokens and were cut (the request's beginning, the responses' ends; marked '...')")
     print(f"oracle: {len(todo)} prompts scored ({len(rows) - len(todo)} already in {out}), {n_pairs} ordered pairs "
           f"in {dt:.1f}s ({n_pairs / max(dt, 1e-9):.1f} pairs/s) by {oracle} '{model}' -> {out}")
 

@@ -583,7 +583,8 @@ def _saving(path, remove=False):
 
 
 def save_checkpoint(accelerator, output_dir, step):
-    """accelerate's state (model, optimizer, RNGs) plus the step, swapped in by renames: never half written."""
+    """accelerate's state (model, optimizer, RNGs) plus the step, swapped in by renames: never half written,
+    and fsynced before its rename, so that a power loss, too, leaves the old checkpoint or the new one whole."""
     final, tmp, old = (os.path.join(output_dir, CHECKPOINT + s) for s in ("", ".tmp", ".old"))
     if accelerator.is_main_process and os.path.exists(tmp):
         shutil.rmtree(tmp)
@@ -593,7 +594,10 @@ def save_checkpoint(accelerator, output_dir, step):
         if accelerator.is_main_process:
             with open(os.path.join(tmp, "step.json"), "w") as f:
                 json.dump({"step": step}, f)
+    accelerator.wait_for_everyone()  # every process's part is written: now it can be made durable
     if accelerator.is_main_process:
+        with _saving(tmp, remove=True):
+            common.fsync_tree(tmp)
         if checkpoint_step(final) is not None:  # .old is redundant now: remove it, then keep final as .old
             if os.path.exists(old):
                 shutil.rmtree(old)
@@ -601,6 +605,7 @@ def save_checkpoint(accelerator, output_dir, step):
         elif os.path.exists(final):  # incomplete, never trusted (a complete .old, if any, stays until the swap)
             shutil.rmtree(final)
         os.replace(tmp, final)
+        common.fsync_dir(output_dir)  # the rename itself
         shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
@@ -810,7 +815,9 @@ def reference_logps(accelerator, scorer, examples, lengths, pad_id, share, batch
     if accelerator.is_main_process:
         with _saving(ref_path + ".tmp"):
             torch.save(ref, ref_path + ".tmp")
+            common.fsync_tree(ref_path + ".tmp")
         os.replace(ref_path + ".tmp", ref_path)
+        common.fsync_dir(os.path.dirname(os.path.abspath(ref_path)))
     return ref
 
 
@@ -902,6 +909,7 @@ def save_final_model(accelerator, scorer, tokenizer, output_dir, model, lora_r, 
         else:
             final.save_pretrained(output_dir, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(output_dir)
+        common.fsync_tree(output_dir)  # on the disk before summary.json says the run is finished
 
 
 def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo", beta=1e-3,

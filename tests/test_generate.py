@@ -270,3 +270,72 @@ def test_slots_on_the_oldest_supported_transformers(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": str(site)})
     assert out.returncode == 0 and f"ok {low}" in out.stdout, out.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------ --engine vllm, with a stand-in
+
+FAKE_VLLM = '''
+"""A stand-in for vllm's offline API (LLM, SamplingParams), as generate.py uses it: records every request."""
+import types
+from transformers import AutoTokenizer
+
+CONTEXT = 40
+calls = []
+
+
+class SamplingParams:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+class LLM:
+    def __init__(self, model, seed):
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.llm_engine = types.SimpleNamespace(model_config=types.SimpleNamespace(max_model_len=CONTEXT))
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def generate(self, requests, params):
+        calls.append((requests, params))
+        outs = []
+        for r, p in zip(requests, params):
+            stop = p.stop_token_ids[0]
+            ids = [3 + (p.seed + t) % 7 for t in range(1 + p.seed % 3)] + [stop]  # a function of the seed alone
+            text = " ".join(f"w{i}" for i in ids[:-1])
+            outs.append(types.SimpleNamespace(outputs=[types.SimpleNamespace(text=text, token_ids=ids, finish_reason="stop")]))
+        return outs
+'''
+
+
+def test_vllm_path_seeds_each_response_and_refuses_what_does_not_fit(tiny_model_dir, tmp_path, monkeypatch):
+    (tmp_path / "vllm.py").write_text(FAKE_VLLM)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import vllm
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"say {i}"}) + "\n" for i in range(3)))
+    generate.main(model=tiny_model_dir, prompts=str(prompts), out=str(tmp_path / "a.jsonl"), k=2, max_new_tokens=8,
+                  engine="vllm", seed=5)
+    rows = [json.loads(line) for line in open(tmp_path / "a.jsonl")]
+    requests, params = vllm.calls[-1]
+    assert len(requests) == 6 and all(p.n == 1 and p.max_tokens == 8 for p in params)  # one request a response
+    assert [p.seed for p in params] == [generate.response_seed(5, f"p{i}", j) for i in range(3) for j in range(2)]
+    assert [r["id"] for r in rows] == ["p0", "p1", "p2"] and all(len(r["responses"]) == 2 for r in rows)
+    assert all(r["num_tokens"] == [len(y.split()) for y in r["responses"]] and r["finished"] == [True, True] for r in rows)
+    assert rows[0]["generator"]["engine"] == "vllm"
+    # a resumed run asks only for what is missing, with the same seeds
+    lines = open(tmp_path / "a.jsonl").read().splitlines()
+    (tmp_path / "b.jsonl").write_text(lines[0] + "\n")
+    generate.main(model=tiny_model_dir, prompts=str(prompts), out=str(tmp_path / "b.jsonl"), k=2, max_new_tokens=8,
+                  engine="vllm", seed=5)
+    assert len(vllm.calls[-1][0]) == 4 and open(tmp_path / "b.jsonl").read() == open(tmp_path / "a.jsonl").read()
+    # over the engine's context: the line is named, nothing is sampled
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"id": "x", "prompt": "hi"}) + "\n" + json.dumps({"id": "y", "prompt": "word " * 60}) + "\n")
+    calls = len(vllm.calls)
+    with pytest.raises(UserError, match=rf"^{long}:2: field 'prompt': \d+ tokens, \+ --max_new_tokens 8, exceed the "
+                                        r"model's context of 40 tokens"):
+        generate.main(model=tiny_model_dir, prompts=str(long), out=str(tmp_path / "c.jsonl"), k=2, max_new_tokens=8,
+                      engine="vllm")
+    assert len(vllm.calls) == calls and not (tmp_path / "c.jsonl").exists()

@@ -177,3 +177,26 @@ def test_cli_error_is_one_line_and_exit_code_2(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {data}:2: not valid JSON")
+
+
+def test_judge_cuts_what_does_not_fit_its_context_and_says_so(models, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(oracle, "model_context", lambda config: 120)
+    judge = oracle.ORACLES["judge"](models["judge"], batch_size=4)
+    short = ROWS[1]
+    long = {"id": "long", "prompt": "first the background " * 40 + "then the question: name a color",
+            "responses": ["red " + "and more red " * 60, "blue " + "or green " * 90, "cat"]}
+    assert judge.encode_pairs(short) == [oracle.prompt_ids(judge.tokenizer, judge.TEMPLATE.format(
+        prompt=short["prompt"], first=a, second=b)) for a, b in (short["responses"], short["responses"][::-1])]
+    assert judge.cut == 0
+    questions = judge.encode_pairs(long)
+    assert judge.cut == 6 and all(len(q) <= 120 for q in questions)
+    text = judge.tokenizer.decode(questions[0])  # (0, 1): both responses cut, their beginnings kept
+    assert "1 : red and more red" in text and "2 : blue or green" in text  # (the tiny tokenizer's spacing)
+    assert "then the question : name a" in text and text.count("...") == 3  # the request keeps its end
+    P = judge.pref([long])[0]
+    assert np.all(P + P.T == 1.0)
+    data = tmp_path / "responses.jsonl"
+    data.write_text(json.dumps(long) + "\n")
+    oracle.main(data=str(data), out=str(tmp_path / "scored.jsonl"), oracle="judge", oracle_model=models["judge"],
+                embedder=models["embedder"])
+    assert "oracle: 6 judge questions were longer than the judge's context of 120 tokens and were cut" in capsys.readouterr().out

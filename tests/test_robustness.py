@@ -543,6 +543,42 @@ def test_iterate_redoes_what_a_kill_between_two_stages_left_stale(tmp_path):
     assert _stale(out) == [] and _made(out / "iter2" / "model")[2]
 
 
+# ------------------------------------------------------------------------ a power loss: fsync before every rename
+
+def test_what_is_renamed_into_place_or_called_finished_was_fsynced_first(uninterrupted, tmp_path):
+    """Every file of a checkpoint, ref_logps.pt and the final model reach the disk (fsync, and their folders)
+    before the rename that puts them in place, or before summary.json says the run is finished."""
+    events, fsync, replace = [], os.fsync, os.replace
+
+    def record_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def record_replace(a, b):
+        events.append(("replace", os.path.abspath(a), os.path.abspath(b)))
+        replace(a, b)
+
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "fsync", record_fsync)
+        mp.setattr(os, "replace", record_replace)
+        train(uninterrupted, out)
+    synced = lambda until: {e[1] for e in events[:until] if e[0] == "fsync"}  # noqa: E731
+    renames = [(i, e[1], e[2]) for i, e in enumerate(events) if e[0] == "replace"]
+    checkpoints = [(i, a) for i, a, b in renames if b == str(out / "checkpoint")]
+    assert len(checkpoints) == 3  # steps 3, 6 and 9
+    for i, _ in checkpoints:  # every file of the saved folder (by its name before the rename), and the folder
+        tmp = str(out / "checkpoint.tmp")
+        files = {os.path.join(tmp, f) for f in CHECKPOINT_FILES}
+        assert files | {tmp} <= synced(i), files - synced(i)
+        assert str(out) in {e[1] for e in events[i:i + 2] if e[0] == "fsync"}  # the rename itself, right after
+    ref = [i for i, a, b in renames if b == str(out / "ref_logps.pt")]
+    assert len(ref) == 1 and str(out / "ref_logps.pt.tmp") in synced(ref[0])
+    done = [i for i, a, b in renames if b == str(out / "summary.json")]
+    assert len(done) == 1 and {str(out / "model.safetensors"), str(out / "config.json"), str(out)} <= synced(done[0])
+    assert same_weights(out, uninterrupted / "full")
+
+
 # ------------------------------------------------------------------------ a failure on one of several processes
 
 FAIL_ON_ONE_RANK = """
