@@ -172,7 +172,7 @@ def read_json(path):
 
 
 def read_rows(path, min_responses=None):
-    """[(line, row)] of a prompts or responses file (METHOD.md §5), every row checked: an "id" (a string
+    """[(line, row)] of a prompts or responses file (docs/method.md §5), every row checked: an "id" (a string
     or an integer) that no earlier line used, a string "prompt", and with min_responses=K a list of at
     least K string "responses". The one reader of these files for generate.py, oracle.py and evaluate.py."""
     rows, seen = [], {}
@@ -399,7 +399,7 @@ def _packaged_smollm2():
     """A save_pretrained folder of SmolLM2-135M-Instruct, converted once from the packaged GGUF.
 
     transformers dequantises GGUF to fp32 but refuses to save a GGUF-loaded model, so the weights are
-    copied into a fresh model built from its config (OFFLINE.md). The folder appears atomically.
+    copied into a fresh model built from its config (docs/offline.md). The folder appears atomically.
     """
     out = os.path.join(CACHE_DIR, "SmolLM2-135M-Instruct")
     if os.path.isfile(os.path.join(out, "config.json")):

@@ -7,7 +7,7 @@ The numbers are AlpacaEval 2.0's, computed with a local judge (any oracle.py bac
     python evaluate.py --plot "runs/iterate/iter*/report.json" --plot_out runs/iterate/plot.png
     python evaluate.py --curves "runs/iterate/iter*/model/metrics.jsonl" --plot_out runs/iterate/training.png
 
-Both files are responses files as generate.py writes them (METHOD.md §5); rows are matched by id and
+Both files are responses files as generate.py writes them (docs/method.md §5); rows are matched by id and
 the first response of each is compared. The report holds `win_rates(...)` (below), mean lengths, how
 many outputs hit the token limit, and distinct-1/2 diversity. `--plot` draws win rate and LC win rate
 per iteration from several reports; `--curves` draws sspo.py's training curves (metrics.jsonl).

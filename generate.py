@@ -626,7 +626,7 @@ def main(model=PACKAGED_MODEL, prompts="data/demo_train.jsonl", out="responses.j
     torchrun --nproc_per_node 8 generate.py ...   # or `accelerate launch`: each process takes a share
     python generate.py --engine vllm ...          # where vllm is installed (tested here with a stand-in engine)
 
-    Input: one {"id", "prompt", ...} object a line, ids unique. Output (METHOD.md §5): the input's
+    Input: one {"id", "prompt", ...} object a line, ids unique. Output (docs/method.md §5): the input's
     fields + "responses" [K str], "num_tokens" [K int] (the end-of-turn token excluded), "finished"
     [K bool] (false: cut at --max_new_tokens), "generator" {model, engine, k, sampling settings, seed}.
     A re-run appends only the ids missing from --out, so a killed run resumes where it stopped.
@@ -696,7 +696,7 @@ def main(model=PACKAGED_MODEL, prompts="data/demo_train.jsonl", out="responses.j
               f"{n_tokens} tokens in {dt:.1f}s ({n_tokens / max(dt, 1e-9):.1f} tok/s), "
               f"{n_finished}/{len(todo) * k} ended on end-of-turn -> {out}")
     if state.num_processes > 1:
-        torch.distributed.destroy_process_group()  # gloo can abort at exit otherwise (OFFLINE.md)
+        torch.distributed.destroy_process_group()  # gloo can abort at exit otherwise (docs/offline.md)
 
 
 def _hf_chunks(todo, chunk, lm, state, gather_object, bar, settings):

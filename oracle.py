@@ -12,7 +12,7 @@ responses at once; ORACLES maps --oracle to a class, so a new backend is one lin
 - judge: a causal LM reads both responses and answers "1" or "2"; q = p("1") / (p("1") + p("2")) from
   its next-token distribution, and P_ij = (q(y_i first) + 1 - q(y_j first)) / 2 cancels position bias.
 Every P is built by `pref_matrix` from P_ij for i < j alone, so P_ij + P_ji = 1 and P_ii = 1/2 hold
-exactly (the constant-sum game of METHOD.md §3). S_ij is the cosine of L2-normalised, mean-pooled
+exactly (the constant-sum game of docs/method.md §3). S_ij is the cosine of L2-normalised, mean-pooled
 sentence embeddings (`Embedder`, `sim_matrices`): S = S^T, S_ii = 1.
 Speed: the texts or ordered pairs of many prompts share batches, sorted by length; SPPO's reference
 scores one pair at a time (bench/bench_oracle_generate.py measures the difference).
@@ -286,7 +286,7 @@ class JudgeOracle(PairwiseOracle):
     def score(self, batch):
         """q = p("1") / (p("1") + p("2")) for the judge's first answer token."""
         ids, mask = pad(batch, self.tokenizer.pad_token_id, self.device, left=True)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions (OFFLINE.md)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions (docs/offline.md)
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits
         return torch.softmax(logits[:, -1, self.label_ids].float(), -1)[:, 0].tolist()
 
@@ -567,7 +567,7 @@ def main(data="responses.jsonl", out="scored.jsonl", oracle="pairrm", oracle_mod
     python oracle.py --data responses.jsonl --out scored.jsonl --oracle judge     # a chat LM as judge; offline
 
     Input: generate.py's output, or any JSONL with "id", "prompt" and "responses" (K >= 2 strings,
-    K may vary by line). Output (METHOD.md §5): the input's fields + "pref" P (P_ij = P(y_i beats y_j),
+    K may vary by line). Output (docs/method.md §5): the input's fields + "pref" P (P_ij = P(y_i beats y_j),
     P_ij + P_ji = 1, P_ii = 1/2), "sim" S (cosine, S_ii = 1), "oracle" {kind, model, embedder}.
     A re-run appends only the ids missing from --out, so a killed run resumes where it stopped.
 

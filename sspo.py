@@ -3,7 +3,7 @@
 Reads a scored JSONL file (oracle.py's output: K responses per prompt, the K x K win-probability
 matrix `pref` and similarity matrix `sim`) or a pairs file, picks one chosen / rejected pair per
 prompt by (calibrated) win rate, and trains the policy so that its log-ratio against the model it
-started from regresses onto eta * (win rate - 1/2) (METHOD.md §1, §3, §4).
+started from regresses onto eta * (win rate - 1/2) (docs/method.md §1, §3, §4).
 
     python sspo.py --data scored.jsonl                          # 1 CPU or 1 GPU, packaged SmolLM2
     python sspo.py --data scored.jsonl --model meta-llama/Meta-Llama-3-8B-Instruct --output_dir runs/it1
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 # Pure functions of tensors: paste them next to `import torch` / `import torch.nn.functional as F`.
 
 def semantic_gate(sim, tau_low, tau_high):
-    """g_ij = clamp((S_ij - tau_low) / (tau_high - tau_low), 0, 1)   (METHOD.md §3.1).
+    """g_ij = clamp((S_ij - tau_low) / (tau_high - tau_low), 0, 1)   (docs/method.md §3.1).
 
     sim: (..., K, K) cosine similarities -> (..., K, K) gate in [0, 1]; 0 keeps the oracle, 1 gives 1/2.
     """
@@ -32,7 +32,7 @@ def semantic_gate(sim, tau_low, tau_high):
 
 
 def calibrate(pref, sim, tau_low, tau_high):
-    """Supervision calibration: Pc_ij = (1 - g_ij) * P_ij + g_ij * 1/2   (METHOD.md §3.1).
+    """Supervision calibration: Pc_ij = (1 - g_ij) * P_ij + g_ij * 1/2   (docs/method.md §3.1).
 
     pref: (..., K, K) P(y_i > y_j) with P_ij + P_ji = 1, P_ii = 1/2; sim: (..., K, K) symmetric, S_ii = 1.
     Returns (..., K, K). g is symmetric, so Pc_ij + Pc_ji = 1 still holds (the game stays constant-sum).
@@ -42,12 +42,12 @@ def calibrate(pref, sim, tau_low, tau_high):
 
 
 def win_rates(pref):
-    """P_hat_i = (1/K) sum_j P_ij, the diagonal 1/2 included   (METHOD.md §1).  (..., K, K) -> (..., K)."""
+    """P_hat_i = (1/K) sum_j P_ij, the diagonal 1/2 included   (docs/method.md §1).  (..., K, K) -> (..., K)."""
     return pref.mean(dim=-1)
 
 
 def latent_distance(h_chosen, h_rejected):
-    """|| h_w/|h_w| - h_l/|h_l| ||_2, the distance repulsion acts on   (METHOD.md §3.2).
+    """|| h_w/|h_w| - h_l/|h_l| ||_2, the distance repulsion acts on   (docs/method.md §3.2).
 
     h_chosen, h_rejected: (B, D) mean-pooled last hidden states of the responses -> (B,), in [0, 2].
     """
@@ -55,7 +55,7 @@ def latent_distance(h_chosen, h_rejected):
 
 
 def repulsion_loss(h_chosen, h_rejected, margin):
-    """Representation calibration: L_rep = relu(margin - latent_distance(h_w, h_l))   (METHOD.md §3.2).
+    """Representation calibration: L_rep = relu(margin - latent_distance(h_w, h_l))   (docs/method.md §3.2).
 
     h_chosen, h_rejected: (B, D) mean-pooled last hidden states of the responses -> (B,).
     """
@@ -64,7 +64,7 @@ def repulsion_loss(h_chosen, h_rejected, margin):
 
 def preference_terms(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
                      loss_type, beta, chosen_winrate=None, rejected_winrate=None):
-    """Per-pair loss of every loss type of METHOD.md §4, with what it is made of, by name. All (B,).
+    """Per-pair loss of every loss type of docs/method.md §4, with what it is made of, by name. All (B,).
 
     *_logps are log-probs of the response tokens SUMMED over the response; ref = pi_t, the model the
     iteration started from. eta = 1/beta. chosen_winrate / rejected_winrate (B,) are P_hat of chosen and
@@ -156,7 +156,7 @@ def _winrate(path, n, row, name):
 
 
 def load_pairs(path, loss, tau_low, tau_high):
-    """Read a scored or pairs JSONL file (METHOD.md §5) into one chosen / rejected pair per prompt.
+    """Read a scored or pairs JSONL file (docs/method.md §5) into one chosen / rejected pair per prompt.
 
     Scored rows: win rates from `pref`, calibrated by `sim` for loss 'sspo' (§3.1) and raw otherwise
     (§4); chosen = argmax, rejected = argmin. Pairs rows: the given win rates; for 'sspo' a row's
@@ -340,7 +340,7 @@ class SequenceScorer(torch.nn.Module):
 
     forward(**collate(...)) -> (logps (N,), pooled (N, D)) for the batch's N = 2B sequences:
     logps: log-probs of the response tokens summed over the response; pooled: the last hidden
-    state (after the final norm) averaged over the response tokens (METHOD.md §3.2). The LM head
+    state (after the final norm) averaged over the response tokens (docs/method.md §3.2). The LM head
     runs on response positions only, `chunk` rows at a time, so no full-vocabulary logits tensor for
     the batch ever exists: with several chunks each is recomputed in the backward pass; a batch that
     fits in one keeps its logits for the backward, which starts right after them (the same peak
@@ -922,10 +922,10 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
     """Train one S-SPPO iteration: the policy starts as --model, which is also the reference pi_t.
 
     Args:
-      data: scored JSONL (oracle.py: prompt, responses, pref, sim) or pairs JSONL (METHOD.md §5)
+      data: scored JSONL (oracle.py: prompt, responses, pref, sim) or pairs JSONL (docs/method.md §5)
       model: hub id or local folder of any HF causal LM with a chat template; default the packaged SmolLM2
       output_dir: where the final model, metrics.jsonl, run_config.json, ref_logps.pt, checkpoints and summary.json go
-      loss: sspo | sppo | sppo_hard | dpo | ipo (METHOD.md §4); only sspo calibrates
+      loss: sspo | sppo | sppo_hard | dpo | ipo (docs/method.md §4); only sspo calibrates
       beta: 1/eta; eta scales the win-rate targets: a(y) -> eta (P_hat - 1/2)
       tau_low: similarity at and below which the oracle's preference is kept as is (§3.1; how chosen: README, "Choosing the flags")
       tau_high: similarity at and above which the preference becomes 1/2 (§3.1)
@@ -1054,7 +1054,7 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # gloo can abort at exit otherwise (OFFLINE.md)
+        torch.distributed.destroy_process_group()  # gloo can abort at exit otherwise (docs/offline.md)
 
 
 if __name__ == "__main__":

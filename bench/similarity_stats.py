@@ -7,7 +7,7 @@ percentiles of the cosine similarity of
   - siblings:   the K samples of ONE prompt (what the gate acts on in training),
   - paraphrase: a sample against itself with 15% of its words dropped and two neighbours swapped
                 (a near-paraphrase: the gate must close on it),
-and of the policy's latent distance || h_i/|h_i| - h_j/|h_j| || between siblings (METHOD.md §3.2).
+and of the policy's latent distance || h_i/|h_i| - h_j/|h_j| || between siblings (docs/method.md §3.2).
 
     python bench/similarity_stats.py --n_prompts 40 --k 4        # ~6 min on 2 CPU cores
 """

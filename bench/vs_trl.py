@@ -6,7 +6,7 @@
 
 Everything is built offline in --work: a random-weight Llama-shape model (~19M parameters, vocab 16k,
 save_pretrained), a BPE tokenizer trained on generated text with a ChatML chat template, and a scored
-file (METHOD.md §5) of --prompts prompts x K=4 responses (prompts ~64 tokens, responses 96-160 tokens).
+file (docs/method.md §5) of --prompts prompts x K=4 responses (prompts ~64 tokens, responses 96-160 tokens).
 The pairs are picked once with sspo.load_pairs (raw win rates, as for sppo_hard), and both trainers get
 exactly those pairs, in that order, with the same batch size, max length, beta, learning rate,
 optimizer (RMSprop), schedule, 1 epoch, fp32, 2 threads, no logging integration, no eval, and only the
@@ -101,7 +101,7 @@ def make_model(folder, tokenizer, seed=0, shape=None, device="cpu"):
 
 def make_scored(path, tokenizer, words, weights, prompts=64, k=4, prompt_tokens=64, response_tokens=128, spread=0.25,
                 seed=0):
-    """A scored JSONL file (METHOD.md §5): prompts of ~prompt_tokens, k responses of response_tokens +- spread.
+    """A scored JSONL file (docs/method.md §5): prompts of ~prompt_tokens, k responses of response_tokens +- spread.
 
     pref is Bradley-Terry from random rewards (P_ij + P_ji = 1, P_ii = 1/2), sim a random symmetric
     matrix with diagonal 1. Lengths are counted in this tokenizer's tokens (a whitespace pre-tokenizer:

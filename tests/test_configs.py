@@ -1,6 +1,6 @@
 """Every accelerate config in configs/ loads with accelerate's own loader and says what its name says.
 
-accelerate engages FSDP and DeepSpeed only on GPUs (OFFLINE.md), so these tests stop where a GPU
+accelerate engages FSDP and DeepSpeed only on GPUs (docs/offline.md), so these tests stop where a GPU
 would be needed: they parse each file as `accelerate launch --config_file` does, build the launcher's
 environment from it, and build accelerate's FSDP / DeepSpeed plugin from that environment (which
 rejects bad combinations, e.g. a forward_prefetch under FSDP2). DeepSpeed itself is not needed.

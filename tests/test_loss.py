@@ -1,4 +1,4 @@
-"""The loss block of sspo.py against its formulas (METHOD.md §1, §3, §4) on random tensors."""
+"""The loss block of sspo.py against its formulas (docs/method.md §1, §3, §4) on random tensors."""
 import math
 
 import pytest

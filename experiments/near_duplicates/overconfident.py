@@ -4,7 +4,7 @@
     python experiments/near_duplicates/overconfident.py --data scored.jsonl --out control.jsonl --pairs random --share 0.25
     REWRITE="python experiments/near_duplicates/overconfident.py --threshold 0.8" bash scripts/iterate.sh
 
-This is the failure S-SPPO is built for (METHOD.md §2): an oracle that calls one of two answers saying the
+This is the failure S-SPPO is built for (docs/method.md §2): an oracle that calls one of two answers saying the
 same thing the clear winner. It is a step of its own between oracle.py and sspo.py (scripts/iterate.sh runs
 it as the REWRITE stage), so the oracle stays what it is and the corruption is on disk for anyone to read.
 

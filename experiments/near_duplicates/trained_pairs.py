@@ -10,7 +10,7 @@ indices; null where all win rates tie and sspo.py skipped the prompt), "similari
 reads these instead of the scored files, which are too big to commit.
 
 The indices come from the same win rates load_pairs takes its argmax / argmin of (sspo.calibrate for sspo,
-the raw ones otherwise, METHOD.md §4); every pair is checked against load_pairs' own texts, so the two
+the raw ones otherwise, docs/method.md §4); every pair is checked against load_pairs' own texts, so the two
 cannot drift apart unnoticed.
 """
 import json
