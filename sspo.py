@@ -46,6 +46,36 @@ def win_rates(pref):
     return pref.mean(dim=-1)
 
 
+TIE = 1e-9  # win rates closer than this are equal: a prompt whose answers all tie has no pair to learn from
+
+
+def choose_pair(pref, sim, *, loss_type, tau_low, tau_high):
+    """One prompt's training pair (docs/method.md §1, §3.1, §4): (chosen index, rejected index, chosen win
+    rate, rejected win rate, mean off-diagonal gate), the argmax / argmin of the win rates calibrated by
+    `sim` for 'sspo' and raw for every other loss (whose gate is 0); None when all win rates tie.
+
+    pref, sim: (K, K) float tensors (sim is not read unless loss_type is 'sspo').
+    """
+    k = pref.shape[-1]
+    if loss_type == "sspo":
+        gate = semantic_gate(sim, tau_low, tau_high)
+        rates = win_rates(calibrate(pref, sim, tau_low, tau_high))
+        gate_mean = float((gate.sum() - gate.diagonal().sum()) / (k * (k - 1)))
+    else:
+        rates, gate_mean = win_rates(pref), 0.0
+    w, l = int(rates.argmax()), int(rates.argmin())
+    if rates[w] - rates[l] < TIE:
+        return None
+    return w, l, float(rates[w]), float(rates[l]), gate_mean
+
+
+def calibrate_pair(chosen_winrate, rejected_winrate, similarity, tau_low, tau_high):
+    """§3.1 for a pair given by its two win rates (a pairs file has no K x K matrices): both shrink toward
+    1/2 by the gate g of the pair's similarity. Floats in, (chosen win rate, rejected win rate, g) out."""
+    g = float(semantic_gate(torch.tensor(float(similarity)), tau_low, tau_high))
+    return 0.5 + (1 - g) * (chosen_winrate - 0.5), 0.5 + (1 - g) * (rejected_winrate - 0.5), g
+
+
 def latent_distance(h_chosen, h_rejected):
     """|| h_w/|h_w| - h_l/|h_l| ||_2, the distance repulsion acts on   (docs/method.md §3.2).
 
@@ -72,7 +102,7 @@ def preference_terms(policy_chosen_logps, policy_rejected_logps, ref_chosen_logp
     Returns {"loss", "logratio_chosen": a(y_w), "logratio_rejected": a(y_l), "target_chosen",
     "target_rejected"}: the targets are eta (P_hat - 1/2), what the SPPO losses regress a(y) onto
     (sppo_hard: +-eta/2); dpo and ipo do not use them (given win rates, they are what SPPO would aim
-    at, else None). The repulsion term of 'sspo' is added by the caller (repulsion_loss).
+    at, else None). The repulsion term of 'sspo' is objective()'s to add.
     """
     a_w = policy_chosen_logps - ref_chosen_logps  # a(y) = log pi_theta(y|x) - log pi_t(y|x)   (§1)
     a_l = policy_rejected_logps - ref_rejected_logps
@@ -102,6 +132,32 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
                             loss_type=loss_type, beta=beta, chosen_winrate=chosen_winrate,
                             rejected_winrate=rejected_winrate)["loss"]
 
+
+def rep_weight_used(loss_type, beta, rep_weight=None):
+    """lambda as the objective uses it (docs/method.md §3.3): 0 for every loss but 'sspo'; for 'sspo' the
+    given weight, or when None 5/beta, which makes repulsion's gradient about a tenth of the regression's
+    at the first step (the regression's grows with eta = 1/beta, repulsion's does not: bench/rep_scale.py)."""
+    if loss_type != "sspo":
+        return 0.0
+    return 5.0 / beta if rep_weight is None else rep_weight
+
+
+def objective(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, h_chosen, h_rejected,
+              *, loss_type, beta, chosen_winrate=None, rejected_winrate=None, rep_weight=None, rep_margin=0.3):
+    """The whole per-pair objective (docs/method.md §3.3, §4), what the trainer minimises (its mean over pairs):
+    preference_terms' loss + rep_weight_used(loss_type, beta, rep_weight) x repulsion_loss. All (B,).
+
+    h_chosen, h_rejected: (B, D) mean-pooled last hidden states (latent_distance). Returns preference_terms'
+    dict with "loss" the total, and "loss_pref", "loss_rep" (unweighted) and "latent_dist" beside it.
+    """
+    terms = preference_terms(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                             loss_type=loss_type, beta=beta, chosen_winrate=chosen_winrate,
+                             rejected_winrate=rejected_winrate)
+    rep = repulsion_loss(h_chosen, h_rejected, rep_margin)
+    total = terms["loss"] + rep_weight_used(loss_type, beta, rep_weight) * rep
+    return {**terms, "loss": total, "loss_pref": terms["loss"], "loss_rep": rep,
+            "latent_dist": latent_distance(h_chosen, h_rejected)}
+
 # ======================================================================= end of the loss block
 
 
@@ -118,6 +174,8 @@ from common import UserError, field_error  # noqa: E402
 LOSS_TYPES = ("sspo", "sppo", "sppo_hard", "dpo", "ipo")
 CHECKPOINT = "checkpoint"  # inside --output_dir; written atomically through CHECKPOINT + ".tmp"
 DONE_FILE = "summary.json"  # written last: its presence means the model in --output_dir is complete
+PAIRS_FILE = "pairs.jsonl"  # one line a pair trained on, in --data's order; a row whose answers all tie has none
+PAIR_FIELDS = ("line", "id", "chosen_index", "rejected_index", "chosen_winrate", "rejected_winrate", "similarity", "gate")
 
 
 # ================================================================================== the data
@@ -158,12 +216,11 @@ def _winrate(path, n, row, name):
 def load_pairs(path, loss, tau_low, tau_high):
     """Read a scored or pairs JSONL file (docs/method.md §5) into one chosen / rejected pair per prompt.
 
-    Scored rows: win rates from `pref`, calibrated by `sim` for loss 'sspo' (§3.1) and raw otherwise
-    (§4); chosen = argmax, rejected = argmin. Pairs rows: the given win rates; for 'sspo' a row's
-    optional `similarity` s shrinks both toward 1/2 by the gate g(s) (§3.1 applied to the pair: full
-    calibration needs the K x K matrices, which a pairs file does not have).
-    Returns (pairs, stats): pairs are dicts with prompt, chosen, rejected, chosen_winrate,
-    rejected_winrate, gate; stats counts rows, pairs and prompts skipped because all win rates tie.
+    Scored rows: the loss block's choose_pair. Pairs rows: the given win rates, for 'sspo' shrunk by the
+    row's optional `similarity` (calibrate_pair). Returns (pairs, stats): pairs are dicts with prompt,
+    chosen, rejected, chosen_winrate, rejected_winrate, gate (the row's mean gate) and where the pair came
+    from (PAIR_FIELDS: what pairs.jsonl records); stats counts rows, pairs and prompts skipped because all
+    win rates tie.
     """
     pairs, skipped, rows = [], 0, 0
     for n, row in common.read_jsonl(path):
@@ -176,31 +233,28 @@ def load_pairs(path, loss, tau_low, tau_high):
             k = len(responses)
             pref = _matrix(path, n, row, "pref", k)
             _check_pref(path, n, pref)
-            if loss == "sspo":
-                sim = _matrix(path, n, row, "sim", k)
+            sim = _matrix(path, n, row, "sim", k) if loss == "sspo" or "sim" in row else None
+            if sim is not None:
                 _check_sim(path, n, sim)
-                gate = semantic_gate(sim, tau_low, tau_high)
-                rates = win_rates(calibrate(pref, sim, tau_low, tau_high))
-                gate_mean = float((gate.sum() - gate.diagonal().sum()) / (k * (k - 1)))
-            else:
-                rates, gate_mean = win_rates(pref), 0.0
-            w, l = int(rates.argmax()), int(rates.argmin())
-            if rates[w] - rates[l] < 1e-9:  # every response ties: no direction to learn
+            pair = choose_pair(pref, sim, loss_type=loss, tau_low=tau_low, tau_high=tau_high)
+            if pair is None:  # every response ties: no direction to learn
                 skipped += 1
                 continue
-            pairs.append(dict(prompt=prompt, chosen=responses[w], rejected=responses[l],
-                              chosen_winrate=float(rates[w]), rejected_winrate=float(rates[l]), gate=gate_mean))
+            w, l, rate_w, rate_l, gate_mean = pair
+            pairs.append(dict(prompt=prompt, chosen=responses[w], rejected=responses[l], chosen_winrate=rate_w,
+                              rejected_winrate=rate_l, gate=gate_mean, line=n, id=row.get("id"), chosen_index=w,
+                              rejected_index=l, similarity=None if sim is None else float(sim[w, l])))
         elif "chosen" in row:
             pair = dict(prompt=prompt, chosen=_text(path, n, row, "chosen"), rejected=_text(path, n, row, "rejected"),
                         chosen_winrate=_winrate(path, n, row, "chosen_winrate"),
-                        rejected_winrate=_winrate(path, n, row, "rejected_winrate"), gate=0.0)
-            if loss == "sspo" and row.get("similarity") is not None:
-                s = row["similarity"]
-                if isinstance(s, bool) or not isinstance(s, (int, float)) or not -1 <= s <= 1:
-                    raise field_error(path, n, "similarity", "must be a cosine similarity in [-1, 1]")
-                pair["gate"] = g = float(semantic_gate(torch.tensor(float(s)), tau_low, tau_high))
-                for side in ("chosen_winrate", "rejected_winrate"):
-                    pair[side] = 0.5 + (1 - g) * (pair[side] - 0.5)
+                        rejected_winrate=_winrate(path, n, row, "rejected_winrate"), gate=0.0, line=n, id=row.get("id"),
+                        chosen_index=None, rejected_index=None, similarity=row.get("similarity"))
+            s = row.get("similarity")
+            if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float)) or not -1 <= s <= 1):
+                raise field_error(path, n, "similarity", "must be a cosine similarity in [-1, 1]")
+            if loss == "sspo" and s is not None:
+                pair["chosen_winrate"], pair["rejected_winrate"], pair["gate"] = calibrate_pair(
+                    pair["chosen_winrate"], pair["rejected_winrate"], s, tau_low, tau_high)
             pairs.append(pair)
         else:
             raise UserError(f"{path}:{n}: neither a scored row (fields 'responses', 'pref', 'sim') "
@@ -645,6 +699,12 @@ def claim_run_dir(output_dir, resume):
         raise UserError(f"{output_dir} holds an unfinished run: add --resume to continue it, or choose another --output_dir")
 
 
+def write_pairs(output_dir, pairs):
+    """output_dir/pairs.jsonl: where each pair trained on came from (PAIR_FIELDS of load_pairs' dicts)."""
+    common.atomic_write_text(os.path.join(output_dir, PAIRS_FILE),
+                             "".join(json.dumps({k: p[k] for k in PAIR_FIELDS}) + "\n" for p in pairs))
+
+
 def open_run_dir(output_dir, resume, config):
     """The config of the run being resumed ({} for a new run), once the command is checked to be the same."""
     saved = os.path.join(output_dir, "run_config.json")
@@ -848,12 +908,11 @@ def micro_step(accelerator, scorer, examples, idx, ref, pad_id, share, n_step, *
     with accelerator.accumulate(scorer):  # syncs gradients (DeepSpeed: steps) on the last micro-step only
         with accelerator.autocast():
             logps, pooled = scorer(**batch)
-        terms = preference_terms(logps[:b], logps[b:], ref[idx, 0].to(device), ref[idx, 1].to(device), loss_type=loss,
-                                 beta=beta, chosen_winrate=torch.tensor([examples[i]["chosen_winrate"] for i in idx], device=device),
-                                 rejected_winrate=torch.tensor([examples[i]["rejected_winrate"] for i in idx], device=device))
-        distance = latent_distance(pooled[:b], pooled[b:])
-        rep = F.relu(rep_margin - distance)  # repulsion_loss(pooled[:b], pooled[b:], rep_margin), its distance kept
-        per_pair = terms["loss"] + rep_weight * rep
+        terms = objective(logps[:b], logps[b:], ref[idx, 0].to(device), ref[idx, 1].to(device), pooled[:b], pooled[b:],
+                          loss_type=loss, beta=beta, rep_weight=rep_weight, rep_margin=rep_margin,
+                          chosen_winrate=torch.tensor([examples[i]["chosen_winrate"] for i in idx], device=device),
+                          rejected_winrate=torch.tensor([examples[i]["rejected_winrate"] for i in idx], device=device))
+        per_pair = terms["loss"]
         # sum / n_step, times the processes because DDP averages over them and times grad_accum because
         # accelerate divides by it: the step's loss is the exact mean over its pairs however they are
         # split across processes and micro-steps.
@@ -861,9 +920,10 @@ def micro_step(accelerator, scorer, examples, idx, ref, pad_id, share, n_step, *
     gate = torch.tensor([examples[i]["gate"] for i in idx], device=device)
     with torch.no_grad():
         return {name: counted * value.sum() for name, value in (
-            ("loss", per_pair), ("loss_pref", terms["loss"]), ("loss_rep", rep), ("logratio_chosen", terms["logratio_chosen"]),
-            ("logratio_rejected", terms["logratio_rejected"]), ("target_chosen", terms["target_chosen"]),
-            ("target_rejected", terms["target_rejected"]), ("gate_mean", gate), ("latent_dist", distance))}
+            ("loss", per_pair), ("loss_pref", terms["loss_pref"]), ("loss_rep", terms["loss_rep"]),
+            ("logratio_chosen", terms["logratio_chosen"]), ("logratio_rejected", terms["logratio_rejected"]),
+            ("target_chosen", terms["target_chosen"]), ("target_rejected", terms["target_rejected"]), ("gate_mean", gate),
+            ("latent_dist", terms["latent_dist"]))}
 
 
 def optimizer_step(accelerator, scorer, opt, examples, ref, indices, pad_id, share, max_grad_norm, **loss_args):
@@ -924,7 +984,7 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
     Args:
       data: scored JSONL (oracle.py: prompt, responses, pref, sim) or pairs JSONL (docs/method.md §5)
       model: hub id or local folder of any HF causal LM with a chat template; default the packaged SmolLM2
-      output_dir: where the final model, metrics.jsonl, run_config.json, ref_logps.pt, checkpoints and summary.json go
+      output_dir: where the final model, metrics.jsonl, run_config.json, pairs.jsonl (the pairs trained on: line and id in --data, answer indices, win rates, similarity), ref_logps.pt, checkpoints and summary.json go
       loss: sspo | sppo | sppo_hard | dpo | ipo (docs/method.md §4); only sspo calibrates
       beta: 1/eta; eta scales the win-rate targets: a(y) -> eta (P_hat - 1/2)
       tau_low: similarity at and below which the oracle's preference is kept as is (§3.1; how chosen: README, "Choosing the flags")
@@ -964,9 +1024,6 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
     if finished(output_dir, resume, keep_checkpoint):
         return
     before = open_run_dir(output_dir, resume, config)
-    if rep_weight is None:  # the regression's gradient grows with eta, repulsion's does not (bench/rep_scale.py)
-        rep_weight = 5.0 / beta
-    rep_weight = rep_weight if loss == "sspo" else 0.0  # repulsion belongs to sspo alone (§4)
     # Everything a user can get wrong is checked before a model is loaded or a file written.
     pairs, stats = load_pairs(str(data), loss, tau_low, tau_high)
     claim_run_dir(output_dir, resume)
@@ -1007,7 +1064,9 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
     if report_to != "none":
         accelerator.init_trackers("sspo", config={k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))})
     if main_process:
-        common.atomic_write_json(os.path.join(output_dir, "run_config.json"), dict(config, **stats, rep_weight_used=rep_weight))
+        common.atomic_write_json(os.path.join(output_dir, "run_config.json"),
+                                 dict(config, **stats, rep_weight_used=rep_weight_used(loss, beta, rep_weight)))
+        write_pairs(output_dir, pairs)
         print(f"{stats['pairs']} pairs from {stats['rows']} rows ({stats['skipped_ties']} prompts skipped: all win rates "
               f"equal; {stats['truncated']} pairs truncated to {max_length} tokens; prompt shared by chosen and rejected: "
               f"{'yes' if share else 'no'}); {total} optimizer steps of "

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+import sspo
 from common import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,8 +122,9 @@ def test_trained_pairs_follow_sspo_selection(tmp_path):
         model_dir = tmp_path / loss
         model_dir.mkdir()
         (model_dir / "run_config.json").write_text(json.dumps({"data": data, "loss": loss, "tau_low": 0.6, "tau_high": 0.9}))
-        trained_pairs.main(str(model_dir), str(model_dir / "pairs.jsonl"))
-    sspo_rows, sppo_rows = _read_jsonl(tmp_path / "sspo" / "pairs.jsonl"), _read_jsonl(tmp_path / "sppo" / "pairs.jsonl")
+        sspo.write_pairs(str(model_dir), sspo.load_pairs(data, loss, 0.6, 0.9)[0])  # as sspo.main writes them
+        trained_pairs.main(str(model_dir), str(model_dir / "extract.jsonl"))
+    sspo_rows, sppo_rows = _read_jsonl(tmp_path / "sspo" / "extract.jsonl"), _read_jsonl(tmp_path / "sppo" / "extract.jsonl")
     assert (sppo_rows[0]["chosen"], sppo_rows[0]["rejected"], sppo_rows[0]["pair_corrupted"]) == (0, 1, True)
     assert sppo_rows[0]["similarity"] == 0.95
     assert (sspo_rows[0]["chosen"], sspo_rows[0]["rejected"]) == (2, 1) and sspo_rows[0]["pair_corrupted"] is False

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from sspo import (calibrate, latent_distance, preference_loss, preference_terms, repulsion_loss, semantic_gate,
-                  win_rates)
+from sspo import (calibrate, calibrate_pair, choose_pair, latent_distance, objective, preference_loss, preference_terms,
+                  rep_weight_used, repulsion_loss, semantic_gate, win_rates)
 
 
 def random_game(k, batch=(), seed=0):
@@ -187,3 +187,46 @@ def test_loss_block_runs_alone():
     pref, sim = random_game(4, seed=9)
     assert torch.allclose(namespace["win_rates"](namespace["calibrate"](pref, sim, 0.1, 0.9)),
                           win_rates(calibrate(pref, sim, 0.1, 0.9)))
+    assert namespace["choose_pair"](pref, sim, loss_type="sspo", tau_low=0.1, tau_high=0.9) == \
+        choose_pair(pref, sim, loss_type="sspo", tau_low=0.1, tau_high=0.9)
+    h = torch.randn(4, 8)
+    args = (pref[0], pref[1], pref[2], pref[3], h, h.flip(0))
+    assert torch.equal(namespace["objective"](*args, loss_type="ipo", beta=0.5)["loss"], objective(*args, loss_type="ipo", beta=0.5)["loss"])
+
+
+def test_choose_pair_takes_the_argmax_and_argmin_of_the_loss_own_win_rates():
+    pref, sim = random_game(5, seed=3)
+    for loss in ("sspo", "sppo", "dpo"):
+        rates = win_rates(calibrate(pref, sim, 0.3, 0.8) if loss == "sspo" else pref)
+        w, l, rate_w, rate_l, gate = choose_pair(pref, sim, loss_type=loss, tau_low=0.3, tau_high=0.8)
+        assert (w, l) == (int(rates.argmax()), int(rates.argmin())) and (rate_w, rate_l) == (float(rates[w]), float(rates[l]))
+        g = semantic_gate(sim, 0.3, 0.8)
+        assert gate == (pytest.approx(float((g.sum() - g.trace()) / 20)) if loss == "sspo" else 0.0)
+    assert choose_pair(torch.full((3, 3), 0.5), torch.eye(3), loss_type="sspo", tau_low=0.3, tau_high=0.8) is None
+    fully_similar = torch.ones(3, 3)  # every verdict gated to 1/2: nothing left to learn for sspo, all of it for sppo
+    assert choose_pair(pref[:3, :3], fully_similar, loss_type="sspo", tau_low=0.3, tau_high=0.8) is None
+    assert choose_pair(pref[:3, :3], fully_similar, loss_type="sppo", tau_low=0.3, tau_high=0.8) is not None
+
+
+def test_calibrate_pair_is_calibrate_on_a_two_answer_game():
+    pref = torch.tensor([[0.5, 0.9], [0.1, 0.5]], dtype=torch.float64)
+    sim = torch.tensor([[1.0, 0.75], [0.75, 1.0]], dtype=torch.float64)
+    rates = win_rates(calibrate(pref, sim, 0.6, 0.9))
+    w, l, g = calibrate_pair(float(win_rates(pref)[0]), float(win_rates(pref)[1]), 0.75, 0.6, 0.9)
+    assert (w, l) == pytest.approx((float(rates[0]), float(rates[1]))) and g == pytest.approx(0.5)
+
+
+def test_objective_is_the_preference_term_plus_weighted_repulsion():
+    torch.manual_seed(0)
+    pw, pl, rw, rl = (torch.randn(6) * 3 for _ in range(4))
+    hw, hl = torch.randn(6, 8), torch.randn(6, 8)
+    ww, wl = torch.rand(6) * 0.5 + 0.5, torch.rand(6) * 0.5
+    for loss, weight in (("sspo", None), ("sspo", 7.0), ("sppo", 7.0), ("dpo", None), ("ipo", 3.0)):
+        out = objective(pw, pl, rw, rl, hw, hl, loss_type=loss, beta=0.1, chosen_winrate=ww, rejected_winrate=wl,
+                        rep_weight=weight, rep_margin=1.5)
+        lam = (50.0 if weight is None else weight) if loss == "sspo" else 0.0  # the default is 5 / beta
+        assert lam == rep_weight_used(loss, 0.1, weight)
+        pref = preference_loss(pw, pl, rw, rl, loss_type=loss, beta=0.1, chosen_winrate=ww, rejected_winrate=wl)
+        assert torch.equal(out["loss_pref"], pref) and torch.equal(out["loss_rep"], repulsion_loss(hw, hl, 1.5))
+        assert torch.equal(out["loss"], pref + lam * repulsion_loss(hw, hl, 1.5))
+        assert torch.equal(out["latent_dist"], latent_distance(hw, hl))

@@ -5,8 +5,8 @@
 For each seed, reads iteration 1's scored file (oracle.py's clean verdicts) and its adversarial rewrite under
 RUNS/seed<s>/adversarial/sppo/iter1/, and counts, over all pairs of a prompt's answers: the share corrupted
 (similarity >= the threshold), how many of those reverse the clean verdict and how many break a tie, and the
-mean token gap (favoured answer minus the other). Then, over the pair each loss would train on (the argmax /
-argmin of its win rates, trained_pairs.pick): the share that is anti-quality, the chosen answer's graded rule
+mean token gap (favoured answer minus the other). Then, over the pair each loss would train on (sspo.py's own
+choose_pair, from its loss block: the argmax / argmin of the loss's win rates): the share that is anti-quality, the chosen answer's graded rule
 credit below the rejected one's, for SPPO on the clean file, SPPO on the rewrite and S-SPPO on the rewrite at
 sspo.py's default taus.
 
@@ -14,9 +14,10 @@ Writes precheck.json and the table precheck.md beside this file. The gate (fixed
 run): every seed needs at least --needed of SPPO's trained pairs on the rewrite anti-quality; if one does not,
 this ends with one line and exit code 2, and run.sh trains nothing.
 """
-import json
 import os
 import sys
+
+import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -25,7 +26,6 @@ import sspo  # noqa: E402
 from adversarial import row_facts  # noqa: E402
 from common import UserError, atomic_write_json, atomic_write_text, cli, read_jsonl  # noqa: E402
 from overconfident import every_pair  # noqa: E402
-from trained_pairs import pick  # noqa: E402
 
 TAUS = (0.6, 0.9)  # sspo.py's defaults (--tau_low, --tau_high), which the experiment keeps
 
@@ -34,7 +34,8 @@ def anti_quality_share(rows, loss):
     """Share of the prompts with a trained pair whose chosen answer has less graded credit than the rejected."""
     anti = trained = 0
     for row, credit in rows:
-        picked = pick(row, loss, *TAUS)
+        pref, sim = (torch.tensor(row[name], dtype=torch.float64) for name in ("pref", "sim"))
+        picked = sspo.choose_pair(pref, sim, loss_type=loss, tau_low=TAUS[0], tau_high=TAUS[1])
         if picked:
             trained += 1
             anti += credit[picked[0]] < credit[picked[1]]
