@@ -148,3 +148,35 @@ def test_holm_tests_the_smaller_p_at_half_alpha():
     assert found["M"]["p_holm"] == pytest.approx(2 * found["M"]["p"])
     assert found["P"]["p_holm"] == pytest.approx(max(found["P"]["p"], found["M"]["p_holm"]))
     assert found["M"]["ci"][0] < np.percentile(found["M"]["draws"], 2.5)  # wider than the 95% interval
+
+
+def _heldout(path, answers):
+    """A held-out file: each prompt asks for lowercase; `answers` are its K answers."""
+    rows = [{"id": f"h{i}", "prompt": f"q{i}", "constraints": [{"type": "lowercase"}], "responses": ys,
+             "num_tokens": [len(y.split()) for y in ys], "finished": [True] * len(ys)} for i, ys in enumerate(answers)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write(path, rows)
+
+
+def test_results_report_the_endpoints_once_every_seed_has_them(models, tmp_path):
+    good, bad = ["all lower", "also lower"], ["Upper", "Upper too"]
+    page = tmp_path / "RESULTS.md"
+    page.write_text(f"# t\n\n{results.nd.BEGIN}\n{results.nd.END}\n\n## after\n")
+    for seed in (0, 1):
+        data = tmp_path / f"seed{seed}" / "data"
+        _heldout(data / "base_heldout.jsonl", [bad] * 6)
+        _heldout(data / "clean" / "sppo" / "iter3" / "heldout.jsonl", [good] * 6)        # 1.0
+        _heldout(data / "adversarial" / "sppo" / "iter3" / "heldout.jsonl", [bad] * 6)   # 0.0: M = -1
+    results.main(folder=str(tmp_path), embedder=models["embedder"], bootstrap=200)
+    assert json.loads((tmp_path / "endpoints.json").read_text())["complete"] is False  # S-SPPO's runs are missing
+    assert "Endpoints: not yet" in page.read_text() and page.read_text().endswith("## after\n")
+    for seed in (0, 1):
+        _heldout(tmp_path / f"seed{seed}" / "data" / "adversarial" / "sspo" / "iter3" / "heldout.jsonl", [good] * 6)  # P = +1
+    results.main(folder=str(tmp_path), embedder=models["embedder"], bootstrap=200)
+    found = json.loads((tmp_path / "endpoints.json").read_text())
+    assert found["M"]["mean"] == -1.0 and found["P"]["mean"] == 1.0 and found["M"]["per_seed"] == {"0": -1.0, "1": -1.0}
+    assert found["verdict"].startswith("confirmed")
+    recs = json.loads((tmp_path / "results.json").read_text())
+    assert {(r["seed"], r["condition"], r["arm"]) for r in recs} == {(s, c, a) for s in (0, 1) for c, a in (
+        (None, "base"), ("clean", "sppo"), ("adversarial", "sppo"), ("adversarial", "sspo"))}
+    assert "**Verdict (the rule fixed in advance): confirmed" in page.read_text() and (tmp_path / "plot.png").exists()

@@ -179,14 +179,7 @@ def plot(recs, png):
                 if len(points) > 1:
                     ax.plot([r["iteration"] for r in points], [r["constraint_score"] for r in points], marker="o", ms=3,
                             color=f"C{a}", ls=("-", "--", ":", "-.")[s % 4], label=f"{arm}, seed {seed}")
-        ax.set_title(f"oracle: {condition}", fontsize=10)
-        ax.set_xlabel("iteration (0: base model)")
-        ax.set_xticks(range(0, 1 + max([r["iteration"] for r in recs], default=0)))
-        ax.legend(fontsize=7)
-    axes[0, 0].set_ylabel("held-out constraint score (binary credit)")
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    nd.finish_panels(fig, axes, conditions, recs, png, "held-out constraint score (binary credit)", legend_size=7)
 
 
 def wall_calls(folder_of):

@@ -237,11 +237,19 @@ def plot(recs, png):
             ci = np.array([r["constraint_ci"] for r in points])
             ax.errorbar(x, y, yerr=[y - ci[:, 0], ci[:, 1] - y], marker="o", ms=4, capsize=3, color=f"C{a}", label=arm)
         ax.axhline(base["constraint_score"], color="grey", lw=0.8, ls=":")
+    finish_panels(fig, axes, conditions, recs, png, "held-out constraint score (binary, 95% CI)", legend_size=8)
+
+
+def finish_panels(fig, axes, conditions, recs, png, ylabel, legend_size):
+    """Title, axes and legend of each condition's panel (iterations on x, the base model at 0); save to png."""
+    import matplotlib.pyplot as plt
+
+    for ax, condition in zip(axes[0], conditions):
         ax.set_title(f"oracle: {condition}", fontsize=10)
         ax.set_xlabel("iteration (0: base model)")
         ax.set_xticks(range(0, 1 + max([r["iteration"] for r in recs], default=0)))
-        ax.legend(fontsize=8)
-    axes[0, 0].set_ylabel("held-out constraint score (binary, 95% CI)")
+        ax.legend(fontsize=legend_size)
+    axes[0, 0].set_ylabel(ylabel)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
