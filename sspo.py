@@ -169,6 +169,7 @@ import shutil  # noqa: E402
 import time  # noqa: E402
 
 import common  # noqa: E402
+import tuning  # noqa: E402
 from common import UserError, field_error  # noqa: E402
 
 LOSS_TYPES = ("sspo", "sppo", "sppo_hard", "dpo", "ipo")
@@ -354,9 +355,9 @@ class TokenLogProbs(torch.autograd.Function):
     Gemma-2's own forward caps its logits). The same numbers as logits.log_softmax(-1).gather(...) for a
     fraction of the memory traffic: one [rows x vocab] buffer, exp(logits - max), is made in the forward and
     kept, and the backward, g * (onehot(target) - softmax), is written into it in place (autograd would
-    allocate several such tensors: a softmax, a scattered one-hot, their sum). On a CPU that made a training
-    step 5% faster, and bench/vs_trl.py's peak memory fell 12% with it and the default chunk (bench/RESULTS.md). The backward runs once (no
-    retain_graph), which SequenceScorer never needs."""
+    allocate several such tensors: a softmax, a scattered one-hot, their sum): faster and leaner steps
+    (bench/RESULTS.md, "What each training lever gave"). The backward runs once (no retain_graph), which
+    SequenceScorer never needs."""
 
     @staticmethod
     def forward(ctx, logits, targets, softcap):
@@ -726,47 +727,6 @@ def make_accelerator(mixed_precision, output_dir, grad_accum, report_to):
                        gradient_accumulation_steps=grad_accum, log_with=None if report_to == "none" else report_to)
 
 
-MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "LD_PRELOAD")
-MALLOC_SETTINGS = {"MALLOC_MMAP_MAX_": 0, "MALLOC_TRIM_THRESHOLD_": 2 ** 31 - 1}  # reuse_freed_memory's, as the environment's names
-
-
-def reuse_freed_memory():
-    """Training on a CPU: make glibc's malloc reuse freed memory for large tensors instead of mapping fresh
-    pages for each (mmap), which the kernel then faults in and zero-fills page by page at every step. The
-    same as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647 in the environment: no mmap, and the
-    freed top of the heap kept. It changes no number, only where the bytes live: freed memory stays with
-    the process (bench/vs_trl.py: sspo.py's peak RSS unchanged, its reference pass 15% faster; TRL's peak
-    grew 19% with the same settings). A user's own MALLOC_* settings or an LD_PRELOAD'ed allocator are left alone;
-    other C libraries (macOS, musl) are left as they are. Returns whether it was applied."""
-    import ctypes
-    import platform
-
-    if platform.libc_ver()[0] != "glibc" or any(k in os.environ for k in MALLOC_ENV):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    option = {"MALLOC_MMAP_MAX_": -4, "MALLOC_TRIM_THRESHOLD_": -1}  # M_MMAP_MAX, M_TRIM_THRESHOLD in glibc's malloc.h
-    return all([bool(libc.mallopt(option[name], value)) for name, value in MALLOC_SETTINGS.items()])
-
-
-CUDA_ALLOC_CONF = "expandable_segments:True"
-
-
-def grow_cuda_segments():
-    """Training on a GPU: PyTorch's caching allocator grows its memory segments in place (expandable_segments)
-    instead of reserving a fixed block per request size. Batches whose shapes change at every step fragment
-    fixed blocks: reserved memory grows far past what is allocated (bench/RESULTS.md, GPU), and each new
-    block is a cudaMalloc that waits for the device. Set through the environment before CUDA starts; a
-    user's own PYTORCH_CUDA_ALLOC_CONF wins. Returns the setting applied, or None."""
-    if any(os.environ.get(k) for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")) or not torch.cuda.is_available() \
-            or torch.cuda.is_initialized():
-        return None
-    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = CUDA_ALLOC_CONF
-    return CUDA_ALLOC_CONF
-
-
 def load_policy(model, accelerator, gradient_checkpointing, attn_implementation, lora):
     """pi_theta as loaded (it is also pi_t: the reference is its log-probs before the first update) and its tokenizer.
 
@@ -820,8 +780,8 @@ def choose_prompt_layout(accelerator, scorer, config, examples, pad_id, share_pr
     else:
         wanted, must = share_prompt, True
     shortest = sorted(examples, key=lambda e: len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]))[:2]
-    # their first CHECK_TOKENS of each part: the check's full-vocabulary logits stay small (bench/vs_trl.py's work:
-    # 0.77 -> 0.27 s a run); a wrong head, mask or restart of positions already changes those tokens' log-probs
+    # their first CHECK_TOKENS of each part: the check's full-vocabulary logits stay small, and a wrong head, mask
+    # or restart of positions already changes those tokens' log-probs
     cut = [{k: e[k][:CHECK_TOKENS] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for e in shortest]
     with accelerator.autocast():
         return check_scorer(scorer, cut, pad_id, accelerator.device, config.model_type, wanted, strict=must,
@@ -1031,10 +991,10 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    stats["cuda_alloc_conf"] = grow_cuda_segments()
+    stats["cuda_alloc_conf"] = tuning.grow_cuda_segments()
     accelerator = make_accelerator(mixed_precision, output_dir, grad_accum, report_to)
     if accelerator.device.type == "cpu":
-        stats["reused_freed_memory"] = reuse_freed_memory()
+        stats["reused_freed_memory"] = tuning.reuse_freed_memory()
     main_process, world = accelerator.is_main_process, accelerator.num_processes
     set_seed(seed)
     policy, tokenizer = load_policy(model, accelerator, gradient_checkpointing, attn_implementation,

@@ -51,6 +51,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "bench")]
 import sspo  # noqa: E402
+import tuning  # noqa: E402
 import tiny  # noqa: E402  (tests/tiny.py: the tiny builders)
 from flops import matmul_params, matmul_rate, sync  # noqa: E402
 
@@ -316,7 +317,7 @@ def run(tiny=False, out=None, parts="gen,train,cli", slots_eager=True, systems="
     parts = set(parts.split(",") if isinstance(parts, str) else parts)
     systems = systems.split(",") if isinstance(systems, str) else list(systems)
     shape = dict(TINY if tiny else FULL)
-    alloc_conf = sspo.grow_cuda_segments()  # as sspo.py sets it, before CUDA starts
+    alloc_conf = tuning.grow_cuda_segments()  # as sspo.py sets it, before CUDA starts
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not tiny:
         raise SystemExit("no GPU here: run with --tiny (a CPU smoke test), or on a GPU machine")

@@ -323,10 +323,10 @@ def run_child(which, work, out, cfg, threads):
                HF_DATASETS_CACHE=os.path.join(work, "datasets-cache"), WANDB_DISABLED="true")
     with open(out + ".cfg.json", "w") as f:
         json.dump(cfg, f)
-    if which == "trl_malloc":  # what sspo.reuse_freed_memory does to sspo.py's own process, through the environment
-        import sspo
+    if which == "trl_malloc":  # what tuning.reuse_freed_memory does to sspo.py's own process, through the environment
+        import tuning
 
-        env.update({name: str(value) for name, value in sspo.MALLOC_SETTINGS.items()})
+        env.update({name: str(value) for name, value in tuning.MALLOC_SETTINGS.items()})
     cmd = [sys.executable, os.path.abspath(__file__), "--child", which, "--work", work, "--child_out", out,
            "--child_cfg", out + ".cfg.json", "--threads", str(threads)]
     load_before = os.getloadavg()
@@ -462,7 +462,7 @@ def main(repeats=3, prompts=64, batch_size=4, max_length=512, beta=1e-3, lr=5e-7
       trl_precompute: TRL's precompute_ref_log_probs (False: its default, a second model in memory)
       trl_sampling: TRL's train_sampling_strategy: sequential (lets the step-0 data check run) | random | group_by_length
       ablation: also run sspo.py with --share_prompt False (chosen and rejected in rows of their own): the prompt-sharing lever, measured
-      trl_malloc: also run TRL with the malloc settings sspo.py gives its own process on a CPU (sspo.reuse_freed_memory:
+      trl_malloc: also run TRL with the malloc settings sspo.py gives its own process on a CPU (tuning.reuse_freed_memory:
         MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647), so the allocator's share of the ratio is measured
       work: scratch folder (rebuilt)
       out: the JSON report ('' for none)

@@ -20,6 +20,7 @@ import evaluate
 import generate
 import oracle
 import sspo
+import tuning
 from tiny import load_weights, write_scored
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -353,15 +354,15 @@ def test_the_cli_prints_one_line_and_exits_2(tmp_path):
 
 
 def test_loading_pauses_the_collector_and_the_cli_freezes_it_before_exit(tiny_model_dir, tmp_path):
-    """common.gc_paused: the collector off inside (nested too), back on after, even after an error, with what was
+    """tuning.gc_paused: the collector off inside (nested too), back on after, even after an error, with what was
     built frozen; load_causal_lm runs in it; common.cli freezes what is left before exit, after success and error."""
     import gc
 
     assert gc.isenabled()
     with pytest.raises(RuntimeError):
-        with common.gc_paused():
+        with tuning.gc_paused():
             assert not gc.isenabled()
-            with common.gc_paused():
+            with tuning.gc_paused():
                 assert not gc.isenabled()
             assert not gc.isenabled()  # the inner one leaves the outer's pause alone
             raise RuntimeError

@@ -13,6 +13,7 @@ import torch
 
 import common
 import sspo
+import tuning
 from tiny import WORDS, game, load_weights, logratios, make_tokenizer, run_sspo, write_scored
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -551,8 +552,8 @@ def test_packaged_smollm2_trains_and_its_output_loads(tmp_path):
 _FAULTS = """
 import resource, sys, torch
 sys.path.insert(0, {root!r})
-import sspo
-applied = sspo.reuse_freed_memory() if {apply} else None
+import tuning
+applied = tuning.reuse_freed_memory() if {apply} else None
 for _ in range(2):  # 256 MiB, written and freed (twice: the heap's free space must grow past one tensor)
     torch.ones(2 ** 26).sum()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -564,8 +565,8 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc malloc setting")
 def test_reuse_freed_memory_stops_page_faults_of_repeated_large_tensors():
     """A third 256 MiB tensor after two are freed: ~65k page faults (fresh mmap) by default, ~none
-    once sspo.reuse_freed_memory() ran; a user's own MALLOC_* setting turns it off."""
-    env = {k: v for k, v in os.environ.items() if k not in sspo.MALLOC_ENV}
+    once tuning.reuse_freed_memory() ran; a user's own MALLOC_* setting turns it off."""
+    env = {k: v for k, v in os.environ.items() if k not in tuning.MALLOC_ENV}
     run = lambda apply, extra={}: subprocess.run([sys.executable, "-c", _FAULTS.format(root=ROOT, apply=apply)],  # noqa: E731
                                                  env={**env, **extra}, capture_output=True, text=True, check=True).stdout.split()
     assert run(False)[1] and int(run(False)[1]) > 30000
