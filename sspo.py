@@ -179,7 +179,7 @@ PAIRS_FILE = "pairs.jsonl"  # one line a pair trained on, in --data's order; a r
 PAIR_FIELDS = ("line", "id", "chosen_index", "rejected_index", "chosen_winrate", "rejected_winrate", "similarity", "gate")
 
 
-# ================================================================================== the data
+# =================================== the data: a scored or pairs file -> pairs -> token ids -> padded batches
 
 def _matrix(path, n, row, name, k):
     """row[name] as a float64 K x K tensor (common.matrix_field checks it)."""
@@ -348,7 +348,7 @@ def tree_mask(branch):
     return (mask | (torch.eye(branch.shape[1], dtype=torch.bool, device=branch.device) & ~real[:, :, None]))[:, None]
 
 
-# ================================================================================= the model
+# ===================================== the scorer: summed log-probs and pooled hidden states of the responses
 
 class TokenLogProbs(torch.autograd.Function):
     """log_softmax(logits)[row, target] of each row, in fp32 (softcap: of softcap * tanh(logits / softcap), as
@@ -504,219 +504,67 @@ def enable_checkpointing(model):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-# ============================================================================== the schedule
+# ========================================== the step: one micro-batch's loss and gradient, one optimizer step
 
-def lr_at(step, total, warmup, peak, schedule):
-    """Learning rate of optimizer step `step` (0-based): linear warm-up, then constant / linear / cosine."""
-    if step < warmup:
-        return peak * (step + 1) / (warmup + 1)
-    progress = (step - warmup) / max(1, total - warmup)
-    if schedule == "constant":
-        return peak
-    if schedule == "linear":
-        return peak * (1.0 - progress)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+def pair_tokens(example):
+    """Tokens of a pair as if chosen and rejected ran apart (the prompt counted twice): the unit of tokens/s."""
+    return 2 * len(example["prompt_ids"]) + len(example["chosen_ids"]) + len(example["rejected_ids"])
 
 
-def step_batches(lengths, global_batch, seed, epochs, group_by_length=True):
-    """Pair indices of every optimizer step: a fresh permutation per epoch from (seed, epoch).
-
-    group_by_length: within windows of 32 steps of the permutation, pairs are sorted by length before
-    they are cut into steps, and the steps are shuffled again; each step is ordered longest first, so
-    its micro-batches hold pairs of similar length and little padding. A pure function of its
-    arguments: a resumed run, and every process, sees the same order. The last step of an epoch may
-    be smaller than global_batch.
-    """
-    n, steps = len(lengths), []
-    for epoch in range(epochs):
-        g = torch.Generator().manual_seed(seed * 1000003 + epoch)
-        order = torch.randperm(n, generator=g).tolist()
-        if not group_by_length:
-            steps += [order[i:i + global_batch] for i in range(0, n, global_batch)]
-            continue
-        window = 32 * global_batch
-        epoch_steps = []
-        for w in range(0, n, window):
-            part = sorted(order[w:w + window], key=lambda i: -lengths[i])
-            epoch_steps += [part[i:i + global_batch] for i in range(0, len(part), global_batch)]
-        steps += [epoch_steps[i] for i in torch.randperm(len(epoch_steps), generator=g).tolist()]
-    return steps
-
-
-def micro_batches(indices, parts):
-    """Split one step's indices into `parts` near-equal consecutive chunks (some empty when few)."""
-    q, r = divmod(len(indices), parts)
-    bounds = [0]
-    for i in range(parts):
-        bounds.append(bounds[-1] + q + (1 if i < r else 0))
-    return [indices[bounds[i]:bounds[i + 1]] for i in range(parts)]
+def micro_step(accelerator, scorer, examples, idx, ref, pad_id, share, n_step, *, loss, beta, rep_weight,
+               rep_margin, counted=1.0):
+    """Forward and backward of the micro-batch examples[idx], whose gradient adds to the step's; returns its
+    sums of the logged metrics, by name. n_step: the pairs of the whole optimizer step. counted = 0: a
+    process with no pair left joins the backward with one pair that adds nothing."""
+    device = accelerator.device
+    batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id, share).items()}
+    b = len(idx)
+    with accelerator.accumulate(scorer):  # syncs gradients (DeepSpeed: steps) on the last micro-step only
+        with accelerator.autocast():
+            logps, pooled = scorer(**batch)
+        terms = objective(logps[:b], logps[b:], ref[idx, 0].to(device), ref[idx, 1].to(device), pooled[:b], pooled[b:],
+                          loss_type=loss, beta=beta, rep_weight=rep_weight, rep_margin=rep_margin,
+                          chosen_winrate=torch.tensor([examples[i]["chosen_winrate"] for i in idx], device=device),
+                          rejected_winrate=torch.tensor([examples[i]["rejected_winrate"] for i in idx], device=device))
+        per_pair = terms["loss"]
+        # sum / n_step, times the processes because DDP averages over them and times grad_accum because
+        # accelerate divides by it: the step's loss is the exact mean over its pairs however they are
+        # split across processes and micro-steps.
+        accelerator.backward(per_pair.sum() * counted * accelerator.num_processes * accelerator.gradient_accumulation_steps / n_step)
+    gate = torch.tensor([examples[i]["gate"] for i in idx], device=device)
+    with torch.no_grad():
+        return {name: counted * value.sum() for name, value in (
+            ("loss", per_pair), ("loss_pref", terms["loss_pref"]), ("loss_rep", terms["loss_rep"]),
+            ("logratio_chosen", terms["logratio_chosen"]), ("logratio_rejected", terms["logratio_rejected"]),
+            ("target_chosen", terms["target_chosen"]), ("target_rejected", terms["target_rejected"]), ("gate_mean", gate),
+            ("latent_dist", terms["latent_dist"]))}
 
 
-# ============================================================================== the training
-
-def check_flags(c):
-    """Every flag a user can get wrong, checked before a file is read or a model loaded (c: main's arguments)."""
-    number = lambda v: isinstance(v, (int, float))  # noqa: E731
-    integer = lambda v, low: isinstance(v, int) and v >= low  # noqa: E731
-    checks = [
-        (c["loss"] in LOSS_TYPES, f"--loss must be one of {', '.join(LOSS_TYPES)}, got {c['loss']!r}"),
-        (number(c["beta"]) and c["beta"] > 0, f"--beta must be > 0 (eta = 1/beta), got {c['beta']!r}"),
-        (number(c["tau_low"]) and number(c["tau_high"]) and c["tau_low"] < c["tau_high"],
-         f"--tau_low must be below --tau_high, got {c['tau_low']!r} >= {c['tau_high']!r}"),
-        (c["rep_weight"] is None or number(c["rep_weight"]) and c["rep_weight"] >= 0,
-         f"--rep_weight must be >= 0, got {c['rep_weight']!r}"),
-        (number(c["rep_margin"]) and 0 <= c["rep_margin"] <= 2, f"--rep_margin must lie in [0, 2], got {c['rep_margin']!r}"),
-        (number(c["lr"]) and c["lr"] > 0, f"--lr must be > 0, got {c['lr']!r}"),
-        (integer(c["epochs"], 1), f"--epochs must be an integer >= 1, got {c['epochs']!r}"),
-        (integer(c["batch_size"], 1), f"--batch_size must be an integer >= 1, got {c['batch_size']!r}"),
-        (integer(c["grad_accum"], 1), f"--grad_accum must be an integer >= 1, got {c['grad_accum']!r}"),
-        (integer(c["max_length"], 8), f"--max_length must be an integer >= 8, got {c['max_length']!r}"),
-        (integer(c["save_every"], 0), f"--save_every must be an integer >= 0, got {c['save_every']!r}"),
-        (number(c["warmup_ratio"]) and 0 <= c["warmup_ratio"] < 1, f"--warmup_ratio must lie in [0, 1), got {c['warmup_ratio']!r}"),
-        (number(c["max_grad_norm"]) and c["max_grad_norm"] >= 0, f"--max_grad_norm must be >= 0, got {c['max_grad_norm']!r}"),
-        (c["optimizer"] in ("rmsprop", "adamw"), f"--optimizer must be rmsprop or adamw, got {c['optimizer']!r}"),
-        (c["lr_schedule"] in ("linear", "cosine", "constant"),
-         f"--lr_schedule must be linear, cosine or constant, got {c['lr_schedule']!r}"),
-        (c["mixed_precision"] in (None, "no", "bf16", "fp16"),
-         f"--mixed_precision must be no, bf16 or fp16, got {c['mixed_precision']!r}"),
-        (c["logits_chunk"] is None or integer(c["logits_chunk"], 1),
-         f"--logits_chunk must be an integer >= 1 or left out (auto), got {c['logits_chunk']!r}"),
-        (integer(c["lora_r"], 0), f"--lora_r must be an integer >= 0 (0: full fine-tuning), got {c['lora_r']!r}"),
-        (c["share_prompt"] in (None, True, False),
-         f"--share_prompt must be True, False or left out (auto), got {c['share_prompt']!r}"),
-        (c["report_to"] in ("none", "tensorboard", "wandb"),
-         f"--report_to must be none, tensorboard or wandb, got {c['report_to']!r}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
+def optimizer_step(accelerator, scorer, opt, examples, ref, indices, pad_id, share, max_grad_norm, **loss_args):
+    """One optimizer step over the pairs `indices`, split across processes and micro-steps; returns
+    (metrics: the means over its pairs by name, tokens of its pairs, gradient norm before clipping)."""
+    world, accum = accelerator.num_processes, accelerator.gradient_accumulation_steps
+    parts = micro_batches(indices, world * accum)
+    sums, tokens = {}, 0.0
+    for micro in range(accum):
+        idx, counted = parts[micro * world + accelerator.process_index], 1.0
+        if not idx:  # every process must join each backward; this one adds nothing
+            idx, counted = indices[:1], 0.0
+        for name, value in micro_step(accelerator, scorer, examples, idx, ref, pad_id, share, len(indices),
+                                      counted=counted, **loss_args).items():
+            sums[name] = sums.get(name, 0.0) + value
+        tokens += sum(pair_tokens(examples[i]) for i in idx) * counted
+    grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    means = accelerator.reduce(torch.stack(list(sums.values())), reduction="sum") / len(indices)
+    tokens = accelerator.reduce(torch.as_tensor(tokens, device=accelerator.device, dtype=torch.float32), reduction="sum")
+    return dict(zip(sums, means.tolist())), float(tokens), grad_norm
 
 
-# Checkpoint rotation. `checkpoint` is the newest complete checkpoint; `checkpoint.old` the one before,
-# trusted only while `checkpoint` is missing or incomplete; `checkpoint.tmp` is never trusted. A folder
-# is complete when its step.json (written last) reads back. Every state a kill between two file
-# operations can leave (tests/test_robustness.py builds each) resumes from the newest complete one:
-#   .tmp alone, or nothing             -> no checkpoint: the run starts over
-#   checkpoint (+ .tmp, + .old in any state) -> checkpoint
-#   .old complete, no checkpoint (or one without step.json) (+ .tmp)  -> .old
-# and the next save removes what is not trusted before it renames, so it never meets a folder in its way,
-# and deletes a complete folder only while a newer complete one exists.
-
-def checkpoint_step(path):
-    """The step of a complete checkpoint folder, else None."""
-    try:
-        with open(os.path.join(path, "step.json")) as f:
-            step = json.load(f)["step"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return step if isinstance(step, int) else None
-
-
-def find_checkpoint(output_dir):
-    """The newest complete checkpoint folder, or None (see the rotation above)."""
-    for name in (CHECKPOINT, CHECKPOINT + ".old"):
-        path = os.path.join(output_dir, name)
-        if checkpoint_step(path) is not None:
-            return path
-    return None
-
-
-@contextlib.contextmanager
-def _saving(path, remove=False):
-    """Turn a save that fails (a full disk: torch and safetensors raise their own errors) into one line,
-    `remove` what it wrote (giving the disk back) first."""
-    from safetensors import SafetensorError
-
-    try:
-        yield
-    except (OSError, RuntimeError, SafetensorError) as e:
-        if remove:
-            shutil.rmtree(path, ignore_errors=True)
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: cannot write ({why}; {free / 2 ** 30:.1f} GiB free on its disk)") from None
-
-
-def save_checkpoint(accelerator, output_dir, step):
-    """accelerate's state (model, optimizer, RNGs) plus the step, swapped in by renames: never half written,
-    and fsynced before its rename, so that a power loss, too, leaves the old checkpoint or the new one whole."""
-    final, tmp, old = (os.path.join(output_dir, CHECKPOINT + s) for s in ("", ".tmp", ".old"))
-    if accelerator.is_main_process and os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    with _saving(tmp, remove=True):  # the last complete checkpoint stays
-        accelerator.save_state(tmp)
-        if accelerator.is_main_process:
-            with open(os.path.join(tmp, "step.json"), "w") as f:
-                json.dump({"step": step}, f)
-    accelerator.wait_for_everyone()  # every process's part is written: now it can be made durable
-    if accelerator.is_main_process:
-        with _saving(tmp, remove=True):
-            common.fsync_tree(tmp)
-        if checkpoint_step(final) is not None:  # .old is redundant now: remove it, then keep final as .old
-            if os.path.exists(old):
-                shutil.rmtree(old)
-            os.replace(final, old)
-        elif os.path.exists(final):  # incomplete, never trusted (a complete .old, if any, stays until the swap)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        common.fsync_dir(output_dir)  # the rename itself
-        shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def remove_checkpoints(output_dir):
-    """Remove every checkpoint folder; called once summary.json exists, so no order of removal can mislead a resume."""
-    for name in (CHECKPOINT, CHECKPOINT + ".old", CHECKPOINT + ".tmp"):
-        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
-
-
-# ========================================================================== the named steps
-# main() calls these in order. Those that take the accelerator run on every process (they may
-# wait_for_everyone or reduce); the rest do the main process's part alone where they say so.
-
-def finished(output_dir, resume, keep_checkpoint):
-    """True when output_dir holds a finished model and --resume asks for nothing more (it only reads: no
-    lock); an error when a finished model is in the way of a new run."""
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise UserError(f"{output_dir}: --output_dir is a file, not a folder")
-    done = os.path.exists(os.path.join(output_dir, DONE_FILE))
-    if done and resume:
-        if not keep_checkpoint:  # what a kill right after summary.json left
-            remove_checkpoints(output_dir)
-        print(f"{output_dir}: already complete ({DONE_FILE} exists); nothing to do")
-        return True
-    if done:
-        raise UserError(f"{output_dir} already holds a finished model: choose another --output_dir")
-    return False
-
-
-def claim_run_dir(output_dir, resume):
-    """Before the first write: the main process takes the folder's writer lock (common.lock_output: a second
-    run on it stops here, naming the first's pid); then an error when an unfinished run is in the way."""
-    if int(os.environ.get("RANK", "0")) == 0:  # the main process (RANK: set by every launcher)
-        common.lock_output(output_dir, folder=True, what="--output_dir")
-    if not resume and (find_checkpoint(output_dir) or os.path.exists(os.path.join(output_dir, "metrics.jsonl"))):
-        raise UserError(f"{output_dir} holds an unfinished run: add --resume to continue it, or choose another --output_dir")
-
-
-def write_pairs(output_dir, pairs):
-    """output_dir/pairs.jsonl: where each pair trained on came from (PAIR_FIELDS of load_pairs' dicts)."""
-    common.atomic_write_text(os.path.join(output_dir, PAIRS_FILE),
-                             "".join(json.dumps({k: p[k] for k in PAIR_FIELDS}) + "\n" for p in pairs))
-
-
-def open_run_dir(output_dir, resume, config):
-    """The config of the run being resumed ({} for a new run), once the command is checked to be the same."""
-    saved = os.path.join(output_dir, "run_config.json")
-    if not (resume and os.path.exists(saved)):
-        return {}
-    before = common.read_json(saved)
-    changed = [k for k in config if k != "resume" and k in before and before[k] != config[k]]
-    if changed:
-        raise UserError(f"--resume needs the same command: {', '.join(f'--{k} was {before[k]!r}, now {config[k]!r}' for k in changed)}")
-    return before
-
+# ======================================================= the loop: what main() sets up and runs, in its order
+# Those that take the accelerator run on every process (they may wait_for_everyone or reduce); the rest do the
+# main process's part alone where they say so.
 
 def make_accelerator(mixed_precision, output_dir, grad_accum, report_to):
     # Several processes and no CUDA (torchrun on CPU): accelerate uses gloo only when told cpu=True.
@@ -788,16 +636,57 @@ def choose_prompt_layout(accelerator, scorer, config, examples, pad_id, share_pr
                             low_precision=accelerator.mixed_precision != "no")
 
 
+def lr_at(step, total, warmup, peak, schedule):
+    """Learning rate of optimizer step `step` (0-based): linear warm-up, then constant / linear / cosine."""
+    if step < warmup:
+        return peak * (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "constant":
+        return peak
+    if schedule == "linear":
+        return peak * (1.0 - progress)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def step_batches(lengths, global_batch, seed, epochs, group_by_length=True):
+    """Pair indices of every optimizer step: a fresh permutation per epoch from (seed, epoch).
+
+    group_by_length: within windows of 32 steps of the permutation, pairs are sorted by length before
+    they are cut into steps, and the steps are shuffled again; each step is ordered longest first, so
+    its micro-batches hold pairs of similar length and little padding. A pure function of its
+    arguments: a resumed run, and every process, sees the same order. The last step of an epoch may
+    be smaller than global_batch.
+    """
+    n, steps = len(lengths), []
+    for epoch in range(epochs):
+        g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+        order = torch.randperm(n, generator=g).tolist()
+        if not group_by_length:
+            steps += [order[i:i + global_batch] for i in range(0, n, global_batch)]
+            continue
+        window = 32 * global_batch
+        epoch_steps = []
+        for w in range(0, n, window):
+            part = sorted(order[w:w + window], key=lambda i: -lengths[i])
+            epoch_steps += [part[i:i + global_batch] for i in range(0, len(part), global_batch)]
+        steps += [epoch_steps[i] for i in torch.randperm(len(epoch_steps), generator=g).tolist()]
+    return steps
+
+
+def micro_batches(indices, parts):
+    """Split one step's indices into `parts` near-equal consecutive chunks (some empty when few)."""
+    q, r = divmod(len(indices), parts)
+    bounds = [0]
+    for i in range(parts):
+        bounds.append(bounds[-1] + q + (1 if i < r else 0))
+    return [indices[bounds[i]:bounds[i + 1]] for i in range(parts)]
+
+
 def plan_steps(examples, share, global_batch, seed, epochs, group_by_length):
     """(steps, lengths): the pair indices of every optimizer step, and each pair's row length in its layout."""
     lengths = [len(e["prompt_ids"]) + (len(e["chosen_ids"]) + len(e["rejected_ids"]) if share else
                                        max(len(e["chosen_ids"]), len(e["rejected_ids"]))) for e in examples]
     return step_batches(lengths, global_batch, seed, epochs, group_by_length), lengths
-
-
-def pair_tokens(example):
-    """Tokens of a pair as if chosen and rejected ran apart (the prompt counted twice): the unit of tokens/s."""
-    return 2 * len(example["prompt_ids"]) + len(example["chosen_ids"]) + len(example["rejected_ids"])
 
 
 def reference_logps(accelerator, scorer, examples, lengths, pad_id, share, batch_size, ref_path, checkpoint, data,
@@ -841,6 +730,130 @@ def reference_logps(accelerator, scorer, examples, lengths, pad_id, share, batch
     return ref
 
 
+# ================================== the run folder: who may write it, what is in it, how a killed run resumes
+
+# A run folder's life, in order: the main process takes its writer lock (claim_run_dir), writes run_config.json
+# and pairs.jsonl, ref_logps.pt once (the reference's log-probs), appends a line to metrics.jsonl a step, swaps in
+# a checkpoint every --save_every steps (the rotation below), saves the final model, fsyncs it, and last writes
+# summary.json, whose presence alone means finished (finished); then the checkpoints go, unless kept.
+#
+# Checkpoint rotation. `checkpoint` is the newest complete checkpoint; `checkpoint.old` the one before,
+# trusted only while `checkpoint` is missing or incomplete; `checkpoint.tmp` is never trusted. A folder
+# is complete when its step.json (written last) reads back. Every state a kill between two file
+# operations can leave (tests/test_robustness.py builds each) resumes from the newest complete one:
+#   .tmp alone, or nothing             -> no checkpoint: the run starts over
+#   checkpoint (+ .tmp, + .old in any state) -> checkpoint
+#   .old complete, no checkpoint (or one without step.json) (+ .tmp)  -> .old
+# and the next save removes what is not trusted before it renames, so it never meets a folder in its way,
+# and deletes a complete folder only while a newer complete one exists.
+
+
+def finished(output_dir, resume, keep_checkpoint):
+    """True when output_dir holds a finished model and --resume asks for nothing more (it only reads: no
+    lock); an error when a finished model is in the way of a new run."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UserError(f"{output_dir}: --output_dir is a file, not a folder")
+    done = os.path.exists(os.path.join(output_dir, DONE_FILE))
+    if done and resume:
+        if not keep_checkpoint:  # what a kill right after summary.json left
+            remove_checkpoints(output_dir)
+        print(f"{output_dir}: already complete ({DONE_FILE} exists); nothing to do")
+        return True
+    if done:
+        raise UserError(f"{output_dir} already holds a finished model: choose another --output_dir")
+    return False
+
+
+def claim_run_dir(output_dir, resume):
+    """Before the first write: the main process takes the folder's writer lock (common.lock_output: a second
+    run on it stops here, naming the first's pid); then an error when an unfinished run is in the way."""
+    if int(os.environ.get("RANK", "0")) == 0:  # the main process (RANK: set by every launcher)
+        common.lock_output(output_dir, folder=True, what="--output_dir")
+    if not resume and (find_checkpoint(output_dir) or os.path.exists(os.path.join(output_dir, "metrics.jsonl"))):
+        raise UserError(f"{output_dir} holds an unfinished run: add --resume to continue it, or choose another --output_dir")
+
+
+def open_run_dir(output_dir, resume, config):
+    """The config of the run being resumed ({} for a new run), once the command is checked to be the same."""
+    saved = os.path.join(output_dir, "run_config.json")
+    if not (resume and os.path.exists(saved)):
+        return {}
+    before = common.read_json(saved)
+    changed = [k for k in config if k != "resume" and k in before and before[k] != config[k]]
+    if changed:
+        raise UserError(f"--resume needs the same command: {', '.join(f'--{k} was {before[k]!r}, now {config[k]!r}' for k in changed)}")
+    return before
+
+
+def write_pairs(output_dir, pairs):
+    """output_dir/pairs.jsonl: where each pair trained on came from (PAIR_FIELDS of load_pairs' dicts)."""
+    common.atomic_write_text(os.path.join(output_dir, PAIRS_FILE),
+                             "".join(json.dumps({k: p[k] for k in PAIR_FIELDS}) + "\n" for p in pairs))
+
+
+def checkpoint_step(path):
+    """The step of a complete checkpoint folder, else None."""
+    try:
+        with open(os.path.join(path, "step.json")) as f:
+            step = json.load(f)["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def find_checkpoint(output_dir):
+    """The newest complete checkpoint folder, or None (see the rotation above)."""
+    for name in (CHECKPOINT, CHECKPOINT + ".old"):
+        path = os.path.join(output_dir, name)
+        if checkpoint_step(path) is not None:
+            return path
+    return None
+
+
+@contextlib.contextmanager
+def _saving(path, remove=False):
+    """Turn a save that fails (a full disk: torch and safetensors raise their own errors) into one line,
+    `remove` what it wrote (giving the disk back) first."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as e:
+        if remove:
+            shutil.rmtree(path, ignore_errors=True)
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: cannot write ({why}; {free / 2 ** 30:.1f} GiB free on its disk)") from None
+
+
+def save_checkpoint(accelerator, output_dir, step):
+    """accelerate's state (model, optimizer, RNGs) plus the step, swapped in by renames: never half written,
+    and fsynced before its rename, so that a power loss, too, leaves the old checkpoint or the new one whole."""
+    final, tmp, old = (os.path.join(output_dir, CHECKPOINT + s) for s in ("", ".tmp", ".old"))
+    if accelerator.is_main_process and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    with _saving(tmp, remove=True):  # the last complete checkpoint stays
+        accelerator.save_state(tmp)
+        if accelerator.is_main_process:
+            with open(os.path.join(tmp, "step.json"), "w") as f:
+                json.dump({"step": step}, f)
+    accelerator.wait_for_everyone()  # every process's part is written: now it can be made durable
+    if accelerator.is_main_process:
+        with _saving(tmp, remove=True):
+            common.fsync_tree(tmp)
+        if checkpoint_step(final) is not None:  # .old is redundant now: remove it, then keep final as .old
+            if os.path.exists(old):
+                shutil.rmtree(old)
+            os.replace(final, old)
+        elif os.path.exists(final):  # incomplete, never trusted (a complete .old, if any, stays until the swap)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        common.fsync_dir(output_dir)  # the rename itself
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
 def restore_checkpoint(accelerator, checkpoint, metrics_path):
     """The optimizer step to start at: the checkpoint's (model, optimizer and RNG states loaded, and
     metrics.jsonl cut back to its steps), or 0 with no old steps kept."""
@@ -857,55 +870,10 @@ def restore_checkpoint(accelerator, checkpoint, metrics_path):
     return start
 
 
-def micro_step(accelerator, scorer, examples, idx, ref, pad_id, share, n_step, *, loss, beta, rep_weight,
-               rep_margin, counted=1.0):
-    """Forward and backward of the micro-batch examples[idx], whose gradient adds to the step's; returns its
-    sums of the logged metrics, by name. n_step: the pairs of the whole optimizer step. counted = 0: a
-    process with no pair left joins the backward with one pair that adds nothing."""
-    device = accelerator.device
-    batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id, share).items()}
-    b = len(idx)
-    with accelerator.accumulate(scorer):  # syncs gradients (DeepSpeed: steps) on the last micro-step only
-        with accelerator.autocast():
-            logps, pooled = scorer(**batch)
-        terms = objective(logps[:b], logps[b:], ref[idx, 0].to(device), ref[idx, 1].to(device), pooled[:b], pooled[b:],
-                          loss_type=loss, beta=beta, rep_weight=rep_weight, rep_margin=rep_margin,
-                          chosen_winrate=torch.tensor([examples[i]["chosen_winrate"] for i in idx], device=device),
-                          rejected_winrate=torch.tensor([examples[i]["rejected_winrate"] for i in idx], device=device))
-        per_pair = terms["loss"]
-        # sum / n_step, times the processes because DDP averages over them and times grad_accum because
-        # accelerate divides by it: the step's loss is the exact mean over its pairs however they are
-        # split across processes and micro-steps.
-        accelerator.backward(per_pair.sum() * counted * accelerator.num_processes * accelerator.gradient_accumulation_steps / n_step)
-    gate = torch.tensor([examples[i]["gate"] for i in idx], device=device)
-    with torch.no_grad():
-        return {name: counted * value.sum() for name, value in (
-            ("loss", per_pair), ("loss_pref", terms["loss_pref"]), ("loss_rep", terms["loss_rep"]),
-            ("logratio_chosen", terms["logratio_chosen"]), ("logratio_rejected", terms["logratio_rejected"]),
-            ("target_chosen", terms["target_chosen"]), ("target_rejected", terms["target_rejected"]), ("gate_mean", gate),
-            ("latent_dist", terms["latent_dist"]))}
-
-
-def optimizer_step(accelerator, scorer, opt, examples, ref, indices, pad_id, share, max_grad_norm, **loss_args):
-    """One optimizer step over the pairs `indices`, split across processes and micro-steps; returns
-    (metrics: the means over its pairs by name, tokens of its pairs, gradient norm before clipping)."""
-    world, accum = accelerator.num_processes, accelerator.gradient_accumulation_steps
-    parts = micro_batches(indices, world * accum)
-    sums, tokens = {}, 0.0
-    for micro in range(accum):
-        idx, counted = parts[micro * world + accelerator.process_index], 1.0
-        if not idx:  # every process must join each backward; this one adds nothing
-            idx, counted = indices[:1], 0.0
-        for name, value in micro_step(accelerator, scorer, examples, idx, ref, pad_id, share, len(indices),
-                                      counted=counted, **loss_args).items():
-            sums[name] = sums.get(name, 0.0) + value
-        tokens += sum(pair_tokens(examples[i]) for i in idx) * counted
-    grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    means = accelerator.reduce(torch.stack(list(sums.values())), reduction="sum") / len(indices)
-    tokens = accelerator.reduce(torch.as_tensor(tokens, device=accelerator.device, dtype=torch.float32), reduction="sum")
-    return dict(zip(sums, means.tolist())), float(tokens), grad_norm
+def remove_checkpoints(output_dir):
+    """Remove every checkpoint folder; called once summary.json exists, so no order of removal can mislead a resume."""
+    for name in (CHECKPOINT, CHECKPOINT + ".old", CHECKPOINT + ".tmp"):
+        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
 def save_final_model(accelerator, scorer, tokenizer, output_dir, model, lora_r, merge):
@@ -930,6 +898,46 @@ def save_final_model(accelerator, scorer, tokenizer, output_dir, model, lora_r, 
             final.save_pretrained(output_dir, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(output_dir)
         common.fsync_tree(output_dir)  # on the disk before summary.json says the run is finished
+
+
+# ======================================================================================================= main
+
+def check_flags(c):
+    """Every flag a user can get wrong, checked before a file is read or a model loaded (c: main's arguments)."""
+    number = lambda v: isinstance(v, (int, float))  # noqa: E731
+    integer = lambda v, low: isinstance(v, int) and v >= low  # noqa: E731
+    checks = [
+        (c["loss"] in LOSS_TYPES, f"--loss must be one of {', '.join(LOSS_TYPES)}, got {c['loss']!r}"),
+        (number(c["beta"]) and c["beta"] > 0, f"--beta must be > 0 (eta = 1/beta), got {c['beta']!r}"),
+        (number(c["tau_low"]) and number(c["tau_high"]) and c["tau_low"] < c["tau_high"],
+         f"--tau_low must be below --tau_high, got {c['tau_low']!r} >= {c['tau_high']!r}"),
+        (c["rep_weight"] is None or number(c["rep_weight"]) and c["rep_weight"] >= 0,
+         f"--rep_weight must be >= 0, got {c['rep_weight']!r}"),
+        (number(c["rep_margin"]) and 0 <= c["rep_margin"] <= 2, f"--rep_margin must lie in [0, 2], got {c['rep_margin']!r}"),
+        (number(c["lr"]) and c["lr"] > 0, f"--lr must be > 0, got {c['lr']!r}"),
+        (integer(c["epochs"], 1), f"--epochs must be an integer >= 1, got {c['epochs']!r}"),
+        (integer(c["batch_size"], 1), f"--batch_size must be an integer >= 1, got {c['batch_size']!r}"),
+        (integer(c["grad_accum"], 1), f"--grad_accum must be an integer >= 1, got {c['grad_accum']!r}"),
+        (integer(c["max_length"], 8), f"--max_length must be an integer >= 8, got {c['max_length']!r}"),
+        (integer(c["save_every"], 0), f"--save_every must be an integer >= 0, got {c['save_every']!r}"),
+        (number(c["warmup_ratio"]) and 0 <= c["warmup_ratio"] < 1, f"--warmup_ratio must lie in [0, 1), got {c['warmup_ratio']!r}"),
+        (number(c["max_grad_norm"]) and c["max_grad_norm"] >= 0, f"--max_grad_norm must be >= 0, got {c['max_grad_norm']!r}"),
+        (c["optimizer"] in ("rmsprop", "adamw"), f"--optimizer must be rmsprop or adamw, got {c['optimizer']!r}"),
+        (c["lr_schedule"] in ("linear", "cosine", "constant"),
+         f"--lr_schedule must be linear, cosine or constant, got {c['lr_schedule']!r}"),
+        (c["mixed_precision"] in (None, "no", "bf16", "fp16"),
+         f"--mixed_precision must be no, bf16 or fp16, got {c['mixed_precision']!r}"),
+        (c["logits_chunk"] is None or integer(c["logits_chunk"], 1),
+         f"--logits_chunk must be an integer >= 1 or left out (auto), got {c['logits_chunk']!r}"),
+        (integer(c["lora_r"], 0), f"--lora_r must be an integer >= 0 (0: full fine-tuning), got {c['lora_r']!r}"),
+        (c["share_prompt"] in (None, True, False),
+         f"--share_prompt must be True, False or left out (auto), got {c['share_prompt']!r}"),
+        (c["report_to"] in ("none", "tensorboard", "wandb"),
+         f"--report_to must be none, tensorboard or wandb, got {c['report_to']!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
 
 
 def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo", beta=1e-3,
