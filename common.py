@@ -122,7 +122,7 @@ def _parse(path, n, text):
         raise UserError(f"{path}:{n or 1}: JSON nested too deeply for the parser (about {sys.getrecursionlimit()} "
                         "levels or more)") from None
     except ValueError as e:  # e.g. an integer longer than sys.get_int_max_str_digits()
-        raise UserError(f"{path}:{n or 1}: JSON the parser cannot take ({_first_line(e)})") from None
+        raise UserError(f"{path}:{n or 1}: JSON the parser cannot take ({first_line(e)})") from None
 
 
 def read_jsonl(path):
@@ -430,7 +430,8 @@ def resolve_model(name):
     return str(name)
 
 
-def _first_line(e):
+def first_line(e):
+    """The first line of an exception's message (its type's name when it has none): what a one-line error quotes."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
@@ -460,7 +461,7 @@ def _load_tokenizer(name):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except load_errors() as e:
-        raise UserError(f"cannot load the tokenizer of '{name}': {_first_line(e)}") from None
+        raise UserError(f"cannot load the tokenizer of '{name}': {first_line(e)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -493,7 +494,7 @@ def _load_causal_lm(name, dtype, attn_implementation):
         else:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (*load_errors(), ImportError) as e:
-        raise UserError(f"cannot load model '{name}': {_first_line(e)}") from None
+        raise UserError(f"cannot load model '{name}': {first_line(e)}") from None
     return model, tokenizer
 
 

@@ -8,7 +8,7 @@ The numbers are AlpacaEval 2.0's, computed with a local judge (any oracle.py bac
     python evaluate.py --curves "runs/iterate/iter*/model/metrics.jsonl" --plot_out runs/iterate/training.png
 
 Both files are responses files as generate.py writes them (docs/method.md §5); rows are matched by id and
-the first response of each is compared. The report holds `win_rates(...)` (below), mean lengths, how
+the first response of each is compared. The report holds `win_rate_report(...)` (below), mean lengths, how
 many outputs hit the token limit, and distinct-1/2 diversity. `--plot` draws win rate and LC win rate
 per iteration from several reports; `--curves` draws sspo.py's training curves (metrics.jsonl).
 """
@@ -29,7 +29,7 @@ N_FOLDS = 5
 
 # ------------------------------------------------------------------------------- the metrics
 
-def win_rates(preference, output_len, reference_len, difficulty=None):
+def win_rate_report(preference, output_len, reference_len, difficulty=None):
     """AlpacaEval 2.0's win rates of outputs against references, all rates in percent.
 
     preference: n values P(output beats reference) in [0, 1]; output_len, reference_len: n lengths
@@ -48,11 +48,11 @@ def win_rates(preference, output_len, reference_len, difficulty=None):
         difficulty = _vector(difficulty, "difficulty")
     for x, name in zip(lengths + [difficulty], ("output_len", "reference_len", "difficulty")):
         if x is not None and len(x) != n:
-            raise UserError(f"win_rates: {name} has {len(x)} values, preference has {n}")
+            raise UserError(f"win_rate_report: {name} has {len(x)} values, preference has {n}")
     if n == 0:
-        raise UserError("win_rates: no preferences to rate")
+        raise UserError("win_rate_report: no preferences to rate")
     if ((p < 0) | (p > 1)).any():
-        raise UserError("win_rates: preference must lie in [0, 1]")
+        raise UserError("win_rate_report: preference must lie in [0, 1]")
     return {
         "win_rate": float(100 * p.mean()),
         "standard_error": float(100 * p.std(ddof=1) / math.sqrt(n)) if n > 1 else None,
@@ -121,7 +121,7 @@ def _cross_entropy(p, q):
     return -np.mean(p * np.log(q) + (1 - p) * np.log(1 - q))
 
 
-def _vector(values, name, where="win_rates"):
+def _vector(values, name, where="win_rate_report"):
     try:
         x = np.asarray(values, dtype=float).reshape(-1)
     except (TypeError, ValueError):
@@ -163,17 +163,17 @@ def constraint_scores(rows):
     "graded": [the same with the rule oracle's graded credit], "all_met": [share of responses meeting
     every constraint], "by_type": {type: [per (prompt, constraint) share of responses meeting it]}}.
     """
-    import oracle
+    from oracle import constraint_score, meets  # by name: in this file `oracle` is the --oracle flag, the judge
 
     out = {"score": [], "graded": [], "all_met": [], "by_type": {}}
     for row in rows:
         ys, cs = row["responses"], row["constraints"]
-        binary = [oracle.constraint_score(y, cs, "binary") for y in ys]
+        binary = [constraint_score(y, cs, "binary") for y in ys]
         out["score"].append(float(np.mean(binary)))
-        out["graded"].append(float(np.mean([oracle.constraint_score(y, cs, "graded") for y in ys])))
+        out["graded"].append(float(np.mean([constraint_score(y, cs, "graded") for y in ys])))
         out["all_met"].append(float(np.mean([s == 1.0 for s in binary])))
         for c in cs:
-            met = [bool(y.strip()) and oracle.meets(y, c) for y in ys]
+            met = [bool(y.strip()) and meets(y, c) for y in ys]
             out["by_type"].setdefault(c["type"], []).append(float(np.mean(met)))
     return out
 
@@ -236,9 +236,9 @@ def _first(row, field):
 
 def _load_oracle(kind, oracle_model, batch_size):
     """An oracle.py backend: the same classes oracle.py scores training data with."""
-    import oracle
+    from oracle import load_backend
 
-    backend_class, model = oracle.load_backend(kind, oracle_model, batch_size)
+    backend_class, model = load_backend(kind, oracle_model, batch_size)
     return backend_class(model, batch_size=batch_size), model
 
 
@@ -280,8 +280,8 @@ def evaluate(outputs, references, oracle="pairrm", oracle_model=None, batch_size
             bar.update(len(chunk))
     outs, refs = [out_rows[i][1] for i in ids], [ref_rows[i][1] for i in ids]
     out_len, ref_len = (np.array([len(r["responses"][0]) for r in rows], dtype=float) for rows in (outs, refs))
-    report = win_rates(preference, out_len, ref_len, difficulty)
-    if report["n"] > 1:  # why the LC rate is what it is: the same deterministic fit win_rates made
+    report = win_rate_report(preference, out_len, ref_len, difficulty)
+    if report["n"] > 1:  # why the LC rate is what it is: the same deterministic fit win_rate_report made
         glm = length_controlled_glm(preference, ref_len - out_len, None if difficulty is None else np.array(difficulty))
         report["lc_glm"] = {"C": glm["C"], "weights": dict(zip(["length", "model", "difficulty"], glm["weights"]))}
     report.update({
@@ -302,11 +302,11 @@ def evaluate(outputs, references, oracle="pairrm", oracle_model=None, batch_size
 
 def _checked_constraints(path, out_rows, ref_rows, ids):
     """(output rows, reference rows) of `ids`, each output's "constraints" checked (the reference uses them too)."""
-    import oracle
+    from oracle import constraint_problem
 
     for i in ids:
         line, row = out_rows[i]
-        problem = oracle.constraint_problem(row["constraints"])
+        problem = constraint_problem(row["constraints"])
         if problem:
             raise field_error(path, line, "constraints", problem)
     return ([out_rows[i][1] for i in ids],

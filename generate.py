@@ -28,8 +28,7 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from common import (PACKAGED_MODEL, JsonlAppender, UserError, check_same_run, cli, end_of_turn_id, field_error,
-                    model_context,
-                    load_causal_lm, prompt_ids, read_rows, resolve_model, takes_4d_mask)
+                    first_line, load_causal_lm, model_context, prompt_ids, read_rows, resolve_model, takes_4d_mask)
 
 CHUNK_PROMPTS = 64  # prompts a process samples per written chunk: a kill loses about one chunk a process
 
@@ -350,7 +349,7 @@ def slots_work(lm, tokenizer, length):
                 return True
             why = "its logits differ from the model's own forward on whole sequences"
         except Exception as e:  # noqa: BLE001  (whatever the model raises, the answer is: HF generate)
-            why = f"its forward fails ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            why = f"its forward fails ({type(e).__name__}: {first_line(e)})"
     print(f"generate: model type {lm.config.model_type!r}: slots not used ({why}); sampling with HF generate")
     return False
 
@@ -457,7 +456,7 @@ class StepGraphs:
                 x.copy_(y)
             self.capture = False
             print(f"generate: the decode step cannot be captured as a CUDA graph ({type(e).__name__}: "
-                  f"{str(e).splitlines()[0] if str(e) else ''}); it runs eagerly")
+                  f"{first_line(e)}); it runs eagerly")
             return None
 
 

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from common import (PACKAGED_EMBEDDER, PACKAGED_MODEL, JsonlAppender, UserError, check_same_run, cli, field_error,
-                    load_causal_lm, load_errors, load_tokenizer, model_context, prompt_ids, read_rows, resolve_model)
+                    first_line, load_causal_lm, load_errors, load_tokenizer, model_context, prompt_ids, read_rows,
+                    resolve_model)
 
 CHUNK_BATCHES = 8  # rows are scored and written in chunks of about this many full batches
 
@@ -127,7 +128,7 @@ class RewardOracle(Oracle):
         try:
             self.model = AutoModelForSequenceClassification.from_pretrained(resolve_model(model)).to(self.device).eval()
         except load_errors() as e:
-            raise UserError(f"cannot load reward model '{model}': {str(e).splitlines()[0]}") from None
+            raise UserError(f"cannot load reward model '{model}': {first_line(e)}") from None
         if self.model.config.pad_token_id is None:  # needed to find each row's last token in a padded batch
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.max_len = min(self.tokenizer.model_max_length, 8192)
@@ -211,7 +212,7 @@ class PairRMOracle(PairwiseOracle):
         try:
             self.model = _pairrm_class().from_pretrained(resolve_model(model)).to(self.device).eval()
         except (*load_errors(), AttributeError) as e:
-            raise UserError(f"cannot load PairRM model '{model}': {str(e).splitlines()[0]}") from None
+            raise UserError(f"cannot load PairRM model '{model}': {first_line(e)}") from None
 
     def _encode(self, text, max_length):  # each segment is [CLS] marker text [SEP], cut on the right
         return self.tokenizer(text, max_length=max_length, truncation=True)["input_ids"]
@@ -521,7 +522,7 @@ class Embedder:
         try:
             self.model = AutoModel.from_pretrained(resolve_model(name)).to(self.device).eval()
         except load_errors() as e:
-            raise UserError(f"cannot load embedder '{name}': {str(e).splitlines()[0]}") from None
+            raise UserError(f"cannot load embedder '{name}': {first_line(e)}") from None
 
     @torch.no_grad()
     def _embed(self, batch):

@@ -479,7 +479,7 @@ def check_scorer(scorer, examples, pad_id, device, model_type, share_prompt=Fals
                 return True
             why = f"the log-probs are {shared.tolist()}, on separate rows {full.tolist()}"
         except Exception as e:  # noqa: BLE001  (whatever the model raises, the answer is: rows apart)
-            why = f"the model's forward fails ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            why = f"the model's forward fails ({type(e).__name__}: {common.first_line(e)})"
     if strict:
         raise UserError(f"model type {model_type!r}: with the prompt shared by chosen and rejected (a 4-D attention "
                         f"mask) {why}; this model's attention does not take the mask as given: run with --share_prompt False")
@@ -700,7 +700,7 @@ def reference_logps(accelerator, scorer, examples, lengths, pad_id, share, batch
         try:
             ref = torch.load(ref_path)
         except Exception as e:  # noqa: BLE001  (torch raises many kinds for a damaged file)
-            raise UserError(f"{ref_path}: cannot read ({str(e).strip().splitlines()[0]}); "
+            raise UserError(f"{ref_path}: cannot read ({common.first_line(e)}); "
                             "the reference of this run is lost, start a new run") from None
         if len(ref) != len(examples):
             raise UserError(f"{ref_path} holds {len(ref)} pairs but {data} now gives {len(examples)}: the data changed")
@@ -822,7 +822,7 @@ def _saving(path, remove=False):
         if remove:
             shutil.rmtree(path, ignore_errors=True)
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        why = common.first_line(e)
         raise UserError(f"{path}: cannot write ({why}; {free / 2 ** 30:.1f} GiB free on its disk)") from None
 
 

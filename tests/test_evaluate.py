@@ -18,24 +18,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_all_wins_is_100():
-    r = evaluate.win_rates([1.0] * 8, [10, 20, 30, 40, 50, 60, 70, 80], [45] * 8)
+    r = evaluate.win_rate_report([1.0] * 8, [10, 20, 30, 40, 50, 60, 70, 80], [45] * 8)
     assert r["win_rate"] == 100 and r["discrete_win_rate"] == 100 and r["standard_error"] == 0 and r["n"] == 8
     assert r["lc_win_rate"] == pytest.approx(100, abs=0.01)  # L1 keeps the weight finite: just under 100
 
 
 def test_all_ties_is_50():
-    r = evaluate.win_rates([0.5] * 8, [10, 20, 30, 40, 50, 60, 70, 80], [45] * 8)
+    r = evaluate.win_rate_report([0.5] * 8, [10, 20, 30, 40, 50, 60, 70, 80], [45] * 8)
     assert r == {"win_rate": 50, "standard_error": 0, "discrete_win_rate": 50, "lc_win_rate": 50, "n": 8}
 
 
 def test_hand_checked_standard_error_and_discrete_rate():
     # p = 1, 0, 1, 1/2: mean 0.625; squared deviations 0.140625 + 0.390625 + 0.140625 + 0.015625 = 0.6875;
     # sd = sqrt(0.6875 / 3) = 0.478714; se = sd / sqrt(4) = 0.239357. Discrete: (1 + 0 + 1 + 1/2) / 4.
-    r = evaluate.win_rates([1, 0, 1, 0.5], [5, 6, 7, 8], [6, 6, 6, 6])
+    r = evaluate.win_rate_report([1, 0, 1, 0.5], [5, 6, 7, 8], [6, 6, 6, 6])
     assert r["win_rate"] == 62.5
     assert r["standard_error"] == pytest.approx(23.9357, abs=1e-4)
     assert r["discrete_win_rate"] == 62.5
-    r = evaluate.win_rates([0.51, 0.49, 0.5], [1, 2, 3], [2, 2, 2])
+    r = evaluate.win_rate_report([0.51, 0.49, 0.5], [1, 2, 3], [2, 2, 2])
     assert r["discrete_win_rate"] == 50 and r["win_rate"] == pytest.approx(50)
 
 
@@ -45,7 +45,7 @@ def test_length_bias_is_removed():
     reference_len = np.full(200, 1000)
     output_len = reference_len + rng.integers(-600, 1400, 200)
     p = 1 / (1 + np.exp(-(output_len - reference_len) / 300))
-    r = evaluate.win_rates(p, output_len, reference_len)
+    r = evaluate.win_rate_report(p, output_len, reference_len)
     assert r["win_rate"] > 70
     assert r["lc_win_rate"] < r["win_rate"] and abs(r["lc_win_rate"] - 50) < 5
 
@@ -86,9 +86,9 @@ def test_smallest_c_wins_ties_and_difficulty_feature():
     assert evaluate.length_controlled_glm(np.full(10, 0.5), np.arange(10.0))["C"] == 1e-4
     rng = np.random.default_rng(2)
     p, out_len, ref_len = rng.uniform(0, 1, 30), rng.integers(50, 500, 30), rng.integers(50, 500, 30)
-    plain = evaluate.win_rates(p, out_len, ref_len)
-    assert evaluate.win_rates(p, out_len, ref_len, difficulty=np.zeros(30)) == pytest.approx(plain)
-    hard = evaluate.win_rates(p, out_len, ref_len, difficulty=rng.normal(0, 1, 30))
+    plain = evaluate.win_rate_report(p, out_len, ref_len)
+    assert evaluate.win_rate_report(p, out_len, ref_len, difficulty=np.zeros(30)) == pytest.approx(plain)
+    hard = evaluate.win_rate_report(p, out_len, ref_len, difficulty=rng.normal(0, 1, 30))
     assert 0 <= hard["lc_win_rate"] <= 100
 
 
@@ -100,7 +100,7 @@ def test_smallest_c_wins_ties_and_difficulty_feature():
 ])
 def test_win_rates_rejects_bad_input(args, message):
     with pytest.raises(UserError, match=message):
-        evaluate.win_rates(*args)
+        evaluate.win_rate_report(*args)
 
 
 def test_distinct_n():
