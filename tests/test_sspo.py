@@ -552,7 +552,7 @@ def test_packaged_smollm2_trains_and_its_output_loads(tmp_path):
 _FAULTS = """
 import resource, sys, torch
 sys.path.insert(0, {root!r})
-import tuning
+import sspo, tuning  # as in sspo.py's own process: the heap as its imports leave it
 applied = tuning.reuse_freed_memory() if {apply} else None
 for _ in range(2):  # 256 MiB, written and freed (twice: the heap's free space must grow past one tensor)
     torch.ones(2 ** 26).sum()
