@@ -30,6 +30,11 @@ What it measures, in order (each part's numbers are written to the JSON as soon 
    hooks in both), peak GPU memory allocated and reserved; for sspo.py also its own split (reference
    pass, training loop), whose tokens/s is set beside part 3's steady step.
 
+5. (--parts profile, not in the default set) where sampling's time goes: torch.profiler over GEN-shape
+   sampling of --profile_steps new tokens, the block path with graphs and the eagerly stepped slots, each after
+   a warm-up of the same shapes; the top ops by device time (CPU time on a CPU) as a table, and the share of
+   the profiled time in sort / top-p, attention, matmuls and everything else.
+
 MFU counts useful FLOPs only (recomputation is not useful):
   training step: 6 N_body T + 6 N_head R + 12 L d T S_eff,   reference pass: a third of that,
 with N_body the weights in the blocks' matmuls, N_head the LM head's (vocab x d), T all tokens, R the
@@ -182,6 +187,54 @@ def generation(model, tokenizer, shape, device, bandwidth, slots_eager=True):
     return out
 
 
+OP_GROUPS = (("sort and top-p", ("sort", "cumsum", "topk", "multinomial", "softmax", "scatter", "gather")),
+             ("attention", ("attention", "sdpa", "flash", "bmm", "baddbmm")),
+             ("matmul", ("mm", "gemm", "linear", "addmm", "matmul")))
+
+
+def op_group(name):
+    """Which of OP_GROUPS an op or kernel name falls in (the first that matches), else "other"."""
+    low = name.lower()
+    return next((group for group, keys in OP_GROUPS if any(k in low for k in keys)), "other")
+
+
+def profile_generation(model, tokenizer, shape, device, steps):
+    """torch.profiler over sampling `steps` new tokens, the block path with graphs and the eager slots: the top
+    ops and each group's share of the self time (module docstring, part 5)."""
+    import generate
+    from torch.profiler import ProfilerActivity, profile
+
+    lm = model.to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+    lm.config.use_cache = True
+    k, n = shape["gen_k"], shape["gen_prompts"]
+    prompts = [" ".join(f"w{(7 * i + j) % 500}" for j in range(32)) for i in range(n)]
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    out = {}
+    for name, how in (("graphs", dict(slots=True, graphs=True)), ("slots_eager", dict(slots=True, graphs=False))):
+        run = lambda: generate.sample_responses(prompts, model=(lm, tokenizer), k=k, max_new_tokens=steps,  # noqa: E731
+                                                batch_size=n * k, **how)
+        run()  # warm-up: every shape of this run captured (graphs) or compiled once
+        sync(device)
+        with profile(activities=activities) as prof:
+            run()
+            sync(device)
+        events = prof.key_averages()
+        timed = lambda e: (e.self_device_time_total if cuda else e.self_cpu_time_total)  # noqa: E731
+        total = sum(timed(e) for e in events) or 1.0
+        groups = {}
+        for e in events:
+            groups[op_group(e.key)] = groups.get(op_group(e.key), 0.0) + timed(e) / total
+        top = sorted(events, key=timed, reverse=True)[:25]
+        out[name] = dict(steps=steps, total_ms=total / 1e3, group_shares=groups,
+                         top=[dict(op=e.key, calls=e.count, self_ms=timed(e) / 1e3, share=timed(e) / total) for e in top])
+        print(f"profile ({name}): {total / 1e3:.1f} ms of {'device' if cuda else 'CPU'} time over {steps} steps; "
+              + ", ".join(f"{g} {v:.0%}" for g, v in sorted(groups.items(), key=lambda kv: -kv[1])), flush=True)
+        for e in top[:12]:
+            print(f"    {timed(e) / 1e3:9.2f} ms {e.count:7d} x  {e.key[:90]}", flush=True)
+    return out
+
+
 # ============================================================================== 3. training step
 
 def examples_for(shape, vocab, seed=0):
@@ -300,19 +353,21 @@ def whole_processes(shape, device, out, save, systems=("sspo", "trl", "sspo_shar
 
 # ================================================================================== the run
 
-def main(tiny=False, out=None, parts="gen,train,cli", slots_eager=True, systems="sspo,trl,sspo_shared"):
-    run(tiny, out, parts, slots_eager, systems)  # Fire would print a returned report
+def main(tiny=False, out=None, parts="gen,train,cli", slots_eager=True, systems="sspo,trl,sspo_shared", profile_steps=32):
+    run(tiny, out, parts, slots_eager, systems, profile_steps)  # Fire would print a returned report
 
 
-def run(tiny=False, out=None, parts="gen,train,cli", slots_eager=True, systems="sspo,trl,sspo_shared"):
+def run(tiny=False, out=None, parts="gen,train,cli", slots_eager=True, systems="sspo,trl,sspo_shared", profile_steps=32):
     """Run the GPU measurements (or the tiny shapes on a CPU) and write them as JSON.
 
     Args:
       tiny: tiny shapes that run on a CPU in seconds (the test of this script)
       out: JSON path; default $OUT/gpu.json when $OUT is set, else bench/results/gpu.json (tiny: none)
-      parts: which parts to run, comma-separated: gen (sampling), train (the step), cli (whole processes vs TRL)
+      parts: which parts to run, comma-separated: gen (sampling), train (the step), cli (whole processes vs TRL),
+        profile (where sampling's time goes; not in the default set)
       slots_eager: in gen, also the slots stepped eagerly from the host (beside graphs and HF generate)
       systems: in cli, which whole processes, comma-separated: sspo, trl, sspo_shared
+      profile_steps: in profile, the new tokens each profiled sampling run makes
     """
     parts = set(parts.split(",") if isinstance(parts, str) else parts)
     systems = systems.split(",") if isinstance(systems, str) else list(systems)
@@ -353,6 +408,13 @@ def run(tiny=False, out=None, parts="gen,train,cli", slots_eager=True, systems="
         print(f"[{name}: {time.time() - t:.0f} s, {time.time() - t0:.0f} s in all]", flush=True)
         save()
 
+    if "profile" in parts:
+        def prof():
+            tokenizer = make_tokenizer(shape["gen"]["vocab"])
+            return profile_generation(make_model(shape["gen"], tokenizer, device), tokenizer, shape, device, profile_steps)
+        part("profile", prof)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     if "gen" in parts:
         def gen():
             tokenizer = make_tokenizer(shape["gen"]["vocab"])

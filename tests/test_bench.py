@@ -115,3 +115,16 @@ def test_vs_trl_table_shows_the_prompt_sharing_ablation():
     assert lines[2].endswith("| 700 | 2.00 | 2.00 | 500 | 1.60 |")
     del s["sspo_apart"], s["ratio_sspo_apart_over_trl"], s["ratio_sspo_over_sspo_apart"], s["trl_malloc"]
     assert vs.table(s, fmt)[0].count("|") == 5  # without the ablations: three columns
+
+
+def test_gpu_script_profiles_sampling_tiny_on_cpu(tmp_path):
+    """bench/gpu.py --parts profile: both sampling paths profiled, the top ops named, the groups' shares summing to 1."""
+    gpu = load_bench("gpu")
+    report = gpu.run(tiny=True, out=str(tmp_path / "gpu.json"), parts="profile", profile_steps=6)
+    for name in ("graphs", "slots_eager"):
+        p = report["profile"][name]
+        assert p["total_ms"] > 0 and p["top"] and p["top"][0]["self_ms"] >= p["top"][-1]["self_ms"]
+        assert sum(p["group_shares"].values()) == pytest.approx(1.0)
+        assert p["group_shares"].get("matmul", 0) > 0  # the model's linear layers are found
+    assert gpu.op_group("aten::sort") == "sort and top-p" and gpu.op_group("aten::mm") == "matmul"
+    assert gpu.op_group("ampere_bf16_s16816gemm") == "matmul" and gpu.op_group("aten::add_") == "other"
