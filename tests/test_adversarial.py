@@ -162,7 +162,7 @@ def test_results_report_the_endpoints_once_every_seed_has_them(models, tmp_path)
     good, bad = ["all lower", "also lower"], ["Upper", "Upper too"]
     page = tmp_path / "RESULTS.md"
     page.write_text(f"# t\n\n{results.nd.BEGIN}\n{results.nd.END}\n\n## after\n")
-    for seed in (0, 1):
+    for seed in (0, 1, 2):
         data = tmp_path / f"seed{seed}" / "data"
         _heldout(data / "base_heldout.jsonl", [bad] * 6)
         _heldout(data / "clean" / "sppo" / "iter3" / "heldout.jsonl", [good] * 6)        # 1.0
@@ -173,10 +173,16 @@ def test_results_report_the_endpoints_once_every_seed_has_them(models, tmp_path)
     for seed in (0, 1):
         _heldout(tmp_path / f"seed{seed}" / "data" / "adversarial" / "sspo" / "iter3" / "heldout.jsonl", [good] * 6)  # P = +1
     results.main(folder=str(tmp_path), embedder=models["embedder"], bootstrap=200)
+    interim = json.loads((tmp_path / "endpoints.json").read_text())  # seed 2 lacks S-SPPO: seeds 0 and 1 are interim
+    assert interim["complete"] is False and interim["verdict"] is None
+    assert "decide nothing" in page.read_text() and "Verdict" not in page.read_text()
+    _heldout(tmp_path / "seed2" / "data" / "adversarial" / "sspo" / "iter3" / "heldout.jsonl", [good] * 6)
+    results.main(folder=str(tmp_path), embedder=models["embedder"], bootstrap=200)
     found = json.loads((tmp_path / "endpoints.json").read_text())
-    assert found["M"]["mean"] == -1.0 and found["P"]["mean"] == 1.0 and found["M"]["per_seed"] == {"0": -1.0, "1": -1.0}
+    assert found["M"]["mean"] == -1.0 and found["P"]["mean"] == 1.0
+    assert found["M"]["per_seed"] == {"0": -1.0, "1": -1.0, "2": -1.0}
     assert found["verdict"].startswith("confirmed")
     recs = json.loads((tmp_path / "results.json").read_text())
-    assert {(r["seed"], r["condition"], r["arm"]) for r in recs} == {(s, c, a) for s in (0, 1) for c, a in (
+    assert {(r["seed"], r["condition"], r["arm"]) for r in recs} == {(s, c, a) for s in (0, 1, 2) for c, a in (
         (None, "base"), ("clean", "sppo"), ("adversarial", "sppo"), ("adversarial", "sspo"))}
     assert "**Verdict (the rule fixed in advance): confirmed" in page.read_text() and (tmp_path / "plot.png").exists()

@@ -43,6 +43,7 @@ nd = _near_duplicates("results")
 
 # Fixed before the run (RESULTS.md, "Pre-registered"): change none of these after seeing a result.
 ITERATION = 3
+SEEDS = (0, 1, 2)  # the verdict waits for all three; before that only interim per-seed estimates are shown
 EFFECT = 0.05  # the least |M| and P that count
 ALPHA = 0.05  # family-wise, Holm over the two endpoints
 BOOTSTRAP, BOOTSTRAP_SEED = 10000, 23
@@ -124,9 +125,14 @@ def decide(M, P):
 
 
 def endpoints(folder, seeds, recs):
+    """The endpoints and the verdict once every pre-registered seed has them; before that, "complete" false and
+    each endpoint's per-seed estimates so far ("interim"), with no interval, p or verdict."""
     found = {name: endpoint(folder, seeds, recs, a, b) for name, (a, b) in ENDPOINTS.items()}
     if any(e is None for e in found.values()):
         return {"complete": False, "seeds": seeds, "verdict": None}
+    if tuple(seeds) != SEEDS:
+        return {"complete": False, "seeds": seeds, "verdict": None,
+                "interim": {name: e["per_seed"] for name, e in found.items()}}
     holm(found)
     for e in found.values():
         del e["draws"]
@@ -135,8 +141,11 @@ def endpoints(folder, seeds, recs):
 
 def endpoint_text(result):
     if not result["complete"]:
-        return (f"Endpoints: not yet (they need SPPO and S-SPPO at iteration {ITERATION} under both oracles in every seed "
-                f"with results; seeds so far: {', '.join(map(str, result['seeds'])) or 'none'}).")
+        interim = "".join(f"; {name} so far, per seed: " + ", ".join(f"{s}: {v:+.3f}" for s, v in per_seed.items())
+                          for name, per_seed in result.get("interim", {}).items())
+        return (f"Endpoints: not yet (the verdict needs SPPO and S-SPPO at iteration {ITERATION} under both oracles in "
+                f"seeds {', '.join(map(str, SEEDS))}; seeds with results: {', '.join(map(str, result['seeds'])) or 'none'}"
+                f"{interim}; interim numbers decide nothing).")
     lines = ["| endpoint | estimate | Holm interval | p (bootstrap) | p (Holm) | per seed |", "|---|---|---|---|---|---|"]
     for name, what in (("M", "SPPO adversarial - SPPO clean"), ("P", "S-SPPO - SPPO, adversarial")):
         e = result[name]
