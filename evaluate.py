@@ -275,9 +275,9 @@ def evaluate(outputs, references, oracle="pairrm", oracle_model=None, batch_size
     preference = []
     with tqdm(total=len(pairs), unit="pair", desc="judging") as bar:
         for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start:start + batch_size]
-            preference += [float(P[0][1]) for P in judge.pref(chunk)]  # P(output beats reference)
-            bar.update(len(chunk))
+            batch = pairs[start:start + batch_size]
+            preference += [float(P[0][1]) for P in judge.pref(batch)]  # P(output beats reference)
+            bar.update(len(batch))
     outs, refs = [out_rows[i][1] for i in ids], [ref_rows[i][1] for i in ids]
     out_len, ref_len = (np.array([len(r["responses"][0]) for r in rows], dtype=float) for rows in (outs, refs))
     report = win_rate_report(preference, out_len, ref_len, difficulty)

@@ -27,8 +27,9 @@ import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from common import (PACKAGED_MODEL, JsonlAppender, UserError, check_same_run, cli, end_of_turn_id, field_error,
-                    first_line, load_causal_lm, model_context, prompt_ids, read_rows, resolve_model, takes_4d_mask)
+from common import (PACKAGED_MODEL, JsonlAppender, UserError, check_same_run, cli, cpu_processes, end_of_turn_id,
+                    end_process_group, field_error, first_line, load_causal_lm, model_context, pad_rows, prompt_ids,
+                    read_rows, resolve_model, takes_4d_mask)
 
 CHUNK_PROMPTS = 64  # prompts a process samples per written chunk: a kill loses about one chunk a process
 
@@ -170,8 +171,8 @@ class SlotPool:
 
     SHRINK_AT = 8  # see shrink
 
-    def __init__(self, lm, slots, max_new_tokens, pad, longest):
-        self.lm, self.slots, self.room, self.pad = lm, slots, max_new_tokens, pad
+    def __init__(self, lm, slots, max_new_tokens, pad_id, longest):
+        self.lm, self.slots, self.room, self.pad_id = lm, slots, max_new_tokens, pad_id
         self.device = next(lm.parameters()).device
         self.cache_argument = cache_argument(lm)
         self.width = longest + 2 * max_new_tokens
@@ -183,7 +184,7 @@ class SlotPool:
         self.owner = [None] * slots  # what each slot samples (the caller's key); None: free
         self.start = [0] * slots  # the column of each slot's first prompt token
         self.pos = torch.zeros(slots, dtype=torch.long, device=self.device)
-        self.next = torch.full((slots,), pad, dtype=torch.long, device=self.device)  # each slot's next input token
+        self.next = torch.full((slots,), pad_id, dtype=torch.long, device=self.device)  # each slot's next input token
 
     def free(self):
         return [s for s, o in enumerate(self.owner) if o is None]
@@ -195,9 +196,8 @@ class SlotPool:
     def admit(self, prompts, owners):
         """Prefill `prompts` (token lists) and put copy j of prompt i in a free slot owned by owners[i][j].
         Returns (slots, the next-token logits of each) in the order of the flattened owners."""
-        width = max(map(len, prompts))
-        ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts], device=self.device)  # left padding
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        ids, mask = pad_rows(prompts, self.pad_id, self.device, left=True)
+        width = ids.shape[1]
         cache = DynamicCache(config=self.lm.config)
         logits = self.lm(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                          use_cache=True, logits_to_keep=1, **{self.cache_argument: cache}).logits[:, -1]
@@ -271,7 +271,7 @@ class SlotPool:
             self.owner[s] = None
         if slots:
             self.pos[slots] = 0  # a free slot's position stays small (learned position tables end somewhere)
-            self.next[slots] = self.pad
+            self.next[slots] = self.pad_id
 
     def shrink(self):
         """Once nothing is left to admit and an eighth of the slots or more are free: keep only the busy ones
@@ -287,10 +287,9 @@ class SlotPool:
         self.slots = len(busy)
 
 
-def load_model(model, dtype):
-    """(model, tokenizer) from a name, or the pair as given. dtype 'auto': bf16 on GPU, fp32 on CPU."""
-    if isinstance(model, tuple):
-        return model
+def load_model(model, dtype="auto"):
+    """(the model in eval mode, its tokenizer) from a hub id, a local folder or the packaged default
+    (common.load_causal_lm). dtype 'auto': bfloat16 on a GPU, float32 on a CPU."""
     if dtype == "auto":
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     elif dtype in ("float32", "bfloat16", "float16"):
@@ -362,13 +361,13 @@ def stream_responses(lm, tokenizer, encoded, seeds, k, max_new_tokens, temperatu
     graphs: with slots, decode in blocks with the step captured as a CUDA graph (_slot_stream); None: on a
     CUDA device. On a CPU, True runs the same block path with eager steps (what the tests check)."""
     stop = sorted({end_of_turn_id(tokenizer)} | ({tokenizer.eos_token_id} - {None}))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     if slots is None:
         slots = bool(encoded) and slots_work(lm, tokenizer, max(map(len, encoded)) + max_new_tokens)
     if graphs is None:
         graphs = next(lm.parameters()).device.type == "cuda"
     sample = functools.partial(_slot_stream, blocks=graphs) if slots else _generate_stream
-    for i, token_lists in sample(lm, encoded, seeds, k, max_new_tokens, temperature, top_p, batch_size, stop, pad):
+    for i, token_lists in sample(lm, encoded, seeds, k, max_new_tokens, temperature, top_p, batch_size, stop, pad_id):
         texts, counts, finished = [], [], []
         for tokens in token_lists:
             end = next((t for t, tok in enumerate(tokens) if tok in stop), None)
@@ -460,7 +459,7 @@ class StepGraphs:
             return None
 
 
-def _slot_stream(lm, encoded, seeds, k, max_new_tokens, temperature, top_p, batch_size, stop, pad, blocks=False):
+def _slot_stream(lm, encoded, seeds, k, max_new_tokens, temperature, top_p, batch_size, stop, pad_id, blocks=False):
     """(i, k token lists, each ending on its stop token if it has one) a prompt, from a SlotPool of
     batch_size slots. New prompts are admitted once a quarter of the slots are free.
 
@@ -472,7 +471,7 @@ def _slot_stream(lm, encoded, seeds, k, max_new_tokens, temperature, top_p, batc
     and shrinking happen between blocks, and the pool shrinks by halves (few shapes, so few captures)."""
     block = BLOCK if blocks else 1
     slots = min(max(batch_size, k), k * len(encoded))  # no buffers for slots that would never be used
-    pool = SlotPool(lm, slots, max_new_tokens + block - 1, pad, max(map(len, encoded), default=1))
+    pool = SlotPool(lm, slots, max_new_tokens + block - 1, pad_id, max(map(len, encoded), default=1))
     steps = StepGraphs(pool, block, temperature, top_p, pool.device.type == "cuda") if blocks else None
     queue, stops = list(range(len(encoded)))[::-1], set(stop)
     tokens = [[[] for _ in range(k)] for _ in encoded]
@@ -523,7 +522,7 @@ def _slot_stream(lm, encoded, seeds, k, max_new_tokens, temperature, top_p, batc
             tokens[i] = None
 
 
-def _generate_stream(lm, encoded, seeds, k, max_new_tokens, temperature, top_p, batch_size, stop, pad):
+def _generate_stream(lm, encoded, seeds, k, max_new_tokens, temperature, top_p, batch_size, stop, pad_id):
     """The same as _slot_stream with HF generate: batches of whole prompts (batch_size // k, at least
     one), left padding, PerRowSampler; a batch runs until its longest sequence ends."""
     device = next(lm.parameters()).device
@@ -531,42 +530,80 @@ def _generate_stream(lm, encoded, seeds, k, max_new_tokens, temperature, top_p, 
     for start in range(0, len(encoded), per_batch):
         batch = range(start, min(start + per_batch, len(encoded)))
         rows = [encoded[i] for i in batch for _ in range(k)]
-        width = max(map(len, rows))
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        input_ids, mask = pad_rows(rows, pad_id, device, left=True)
         sampler = PerRowSampler([s for i in batch for s in seeds[i]], temperature, top_p)
         with torch.no_grad():
             out = lm.generate(input_ids=input_ids, attention_mask=mask, do_sample=False, logits_processor=[sampler],
-                              max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad)
-        new = out[:, width:].tolist()
+                              max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad_id)
+        new = out[:, input_ids.shape[1]:].tolist()
         for b, i in enumerate(batch):
             yield i, new[b * k:(b + 1) * k]
 
 
-def sample_responses(prompts, model=PACKAGED_MODEL, k=4, max_new_tokens=512, temperature=0.7, top_p=0.9, seed=0,
-                     batch_size=128, ids=None, dtype="auto", device=None, progress=None, slots=None, graphs=None):
-    """Sample k responses for each prompt. The function behind the CLI, for scripts.
+def sample_responses(prompts, lm, tokenizer, *, k, max_new_tokens, temperature, top_p, seed, batch_size, ids=None,
+                     progress=None, slots=None, graphs=None):
+    """Sample k responses for each prompt with a loaded model (load_model): the CLI's own path
+    (sample_chunks), for scripts. The settings mean what main's flags of the same names mean.
 
-    prompts: list of str. model: a name for common.load_causal_lm or a (model, tokenizer) pair.
-    ids: one per prompt, seeds the prompt's samples (default: the prompt's index as a string).
-    batch_size: sequences sampled together (see stream_responses); prompts go longest first.
+    prompts: list of str. ids: one per prompt, seeds its samples (default: the prompt's index as a string).
     progress: a tqdm bar to advance by one per prompt, or None. slots, graphs: as in stream_responses.
     Returns, in input order, one {"responses", "num_tokens", "finished"} dict (k items each) a prompt.
     """
-    lm, tokenizer = load_model(model, dtype)
-    if device:
-        lm.to(device)
     ids = [str(i) for i in range(len(prompts))] if ids is None else ids
-    encoded = [prompt_ids(tokenizer, p) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # longest first: memory errors come early
-    results = [None] * len(prompts)
-    for i, result in stream_responses(lm, tokenizer, [encoded[i] for i in order],
-                                      [[response_seed(seed, ids[i], j) for j in range(k)] for i in order],
-                                      k, max_new_tokens, temperature, top_p, batch_size, slots, graphs):
-        results[order[i]] = result
-        if progress is not None:
-            progress.update(1)
-    return results
+    rows = [{"id": i, "prompt": p} for i, p in zip(ids, prompts, strict=True)]
+    chunks = sample_chunks(rows, lm, tokenizer, k=k, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_p=top_p, seed=seed, batch_size=batch_size, chunk=max(1, len(rows)), progress=progress,
+                           slots=slots, graphs=graphs)
+    return [result for _, results in chunks for result in results]
+
+
+def sample_chunks(rows, lm, tokenizer, *, k, max_new_tokens, temperature, top_p, seed, batch_size, chunk, state=None,
+                  progress=None, slots=None, graphs=None):
+    """Yield (rows, results) for each `chunk` rows ({"id", "prompt"} dicts) in input order: the one path
+    that samples, behind main and sample_responses.
+
+    state: accelerate's PartialState under several processes (None: one process). Within a chunk the
+    prompts are sorted by length (longest first) and dealt out to the processes in turn, so every
+    process gets a similar load. One stream runs through all of a process's chunks, so the slots never
+    wait for a chunk's last sequence; a chunk is yielded (gathered onto every process, in input order)
+    once all its prompts are done, so main writes it before the next one. progress: a tqdm bar (or None)
+    the main process advances by one per prompt.
+    """
+    if not rows:
+        return
+    rank, processes = (state.process_index, state.num_processes) if state else (0, 1)
+    mine = []  # (chunk, row) in the order this process admits them
+    for c, start in enumerate(range(0, len(rows), chunk)):
+        by_length = sorted(range(start, min(start + chunk, len(rows))), key=lambda i: -len(rows[i]["prompt"]))
+        mine += [(c, i) for i in by_length[rank::processes]]
+    left = [0] * -(-len(rows) // chunk)  # prompts of each chunk this process has still to sample
+    for c, _ in mine:
+        left[c] += 1
+    sampled_here = list(left)
+    stream = stream_responses(lm, tokenizer, [prompt_ids(tokenizer, rows[i]["prompt"]) for _, i in mine],
+                              [[response_seed(seed, rows[i]["id"], j) for j in range(k)] for _, i in mine], k,
+                              max_new_tokens, temperature, top_p, batch_size, slots, graphs)
+    progress = progress if rank == 0 else None
+    results, ready = {}, 0
+    for n, result in itertools.chain(stream, [(None, None)]):
+        if n is not None:
+            c, i = mine[n]
+            results[i] = result
+            left[c] -= 1
+            if progress is not None:
+                progress.update(1)
+        while ready < len(left) and not left[ready]:  # the chunks done, in order (a process may have none of one)
+            span = range(ready * chunk, min((ready + 1) * chunk, len(rows)))
+            pairs = [(i, results.pop(i)) for i in span if i in results]
+            if processes > 1:
+                from accelerate.utils import gather_object
+
+                pairs = gather_object(pairs)
+                if progress is not None:
+                    progress.update(len(span) - sampled_here[ready])
+            by_index = dict(pairs)
+            yield [rows[i] for i in span], [by_index[i] for i in span]
+            ready += 1
 
 
 def _sample_vllm(path, rows, model, k, max_new_tokens, temperature, top_p, seed):
@@ -653,7 +690,7 @@ def main(model=PACKAGED_MODEL, prompts="data/demo_train.jsonl", out="responses.j
         raise UserError("--top_p must be in (0, 1] and --temperature >= 0")
     if engine not in ("hf", "vllm"):
         raise UserError(f"--engine must be 'hf' or 'vllm', not {engine!r}")
-    state = PartialState(cpu=not torch.cuda.is_available())  # on CPU only cpu=True makes torchrun's processes a group
+    state = PartialState(cpu=cpu_processes())
     rows = read_prompts(prompts)
     writer = JsonlAppender(out) if state.is_main_process else None
     generator = {"model": model, "engine": engine, "k": k, "temperature": temperature, "top_p": top_p,
@@ -672,15 +709,15 @@ def main(model=PACKAGED_MODEL, prompts="data/demo_train.jsonl", out="responses.j
         chunks = [(todo, results)]
         bar.update(len(todo))
     else:
-        lm = load_model(model, dtype) if todo else None  # a finished stage re-runs in a second: no model to load
-        if lm:
-            check_prompt_lengths(prompts, [(n, row) for n, row in rows if row["id"] not in done], *lm, max_new_tokens)
-            lm[0].to(state.device)
+        lm, tokenizer = load_model(model, dtype) if todo else (None, None)  # a finished stage re-runs in a second
+        if lm is not None:
+            check_prompt_lengths(prompts, [(n, row) for n, row in rows if row["id"] not in done], lm, tokenizer,
+                                 max_new_tokens)
+            lm.to(state.device)
         bar, t0 = tqdm(total=len(todo), unit="prompt", disable=not state.is_main_process), time.time()
-        chunk = CHUNK_PROMPTS * state.num_processes
-        chunks = _hf_chunks(todo, chunk, lm, state, gather_object, bar,
-                            dict(k=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                                 batch_size=batch_size))
+        chunks = sample_chunks(todo, lm, tokenizer, k=k, max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_p=top_p, seed=seed, batch_size=batch_size, chunk=CHUNK_PROMPTS * state.num_processes,
+                               state=state, progress=bar)
     for rows_in, results in chunks:
         if writer:
             for row, res in zip(rows_in, results):
@@ -694,52 +731,7 @@ def main(model=PACKAGED_MODEL, prompts="data/demo_train.jsonl", out="responses.j
         print(f"generate: {len(todo)} prompts x {k} responses ({len(rows) - len(todo)} already in {out}), "
               f"{n_tokens} tokens in {dt:.1f}s ({n_tokens / max(dt, 1e-9):.1f} tok/s), "
               f"{n_finished}/{len(todo) * k} ended on end-of-turn -> {out}")
-    if state.num_processes > 1:
-        torch.distributed.destroy_process_group()  # gloo can abort at exit otherwise (docs/offline.md)
-
-
-def _hf_chunks(todo, chunk, lm, state, gather_object, bar, settings):
-    """Yield (rows, results) per chunk of input order; each process samples a share of every chunk.
-
-    Within a chunk the prompts are sorted by length (longest first) and dealt out to the processes in
-    turn, so every process gets a similar load. One stream runs through all of a process's chunks, so
-    the slots never wait for a chunk's last sequence; a chunk is yielded (gathered onto the main
-    process, in input order) once all its prompts are done, and written before the next one.
-    """
-    if not todo:
-        return
-    model, tokenizer = lm
-    k, seed = settings["k"], settings["seed"]
-    mine = []  # (chunk, row) in the order this process admits them
-    for c, start in enumerate(range(0, len(todo), chunk)):
-        rows = range(start, min(start + chunk, len(todo)))
-        by_length = sorted(rows, key=lambda i: -len(todo[i]["prompt"]))
-        mine += [(c, i) for i in by_length[state.process_index::state.num_processes]]
-    left = [0] * -(-len(todo) // chunk)  # prompts of each chunk this process has still to sample
-    for c, _ in mine:
-        left[c] += 1
-    share = list(left)
-    results, ready = {}, 0
-    stream = stream_responses(model, tokenizer, [prompt_ids(tokenizer, todo[i]["prompt"]) for _, i in mine],
-                              [[response_seed(seed, todo[i]["id"], j) for j in range(k)] for _, i in mine], k,
-                              settings["max_new_tokens"], settings["temperature"], settings["top_p"],
-                              settings["batch_size"], settings.get("slots"), settings.get("graphs"))
-    for n, result in itertools.chain(stream, [(None, None)]):
-        if n is not None:
-            c, i = mine[n]
-            results[i] = result
-            left[c] -= 1
-            if state.is_main_process:
-                bar.update(1)
-        while ready < len(left) and not left[ready]:  # the chunks done, in order (a process may have none of one)
-            rows = range(ready * chunk, min((ready + 1) * chunk, len(todo)))
-            pairs = [(i, results.pop(i)) for i in rows if i in results]
-            if state.num_processes > 1:
-                pairs = gather_object(pairs)
-                bar.update(len(rows) - share[ready])
-            by_index = dict(pairs)
-            yield [todo[i] for i in rows], [by_index[i] for i in rows]
-            ready += 1
+    end_process_group()
 
 
 if __name__ == "__main__":

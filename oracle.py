@@ -26,9 +26,8 @@ import time
 import numpy as np
 import torch
 
-from common import (PACKAGED_EMBEDDER, PACKAGED_MODEL, JsonlAppender, UserError, check_same_run, cli, field_error,
-                    first_line, load_causal_lm, load_errors, load_tokenizer, model_context, prompt_ids, read_rows,
-                    resolve_model)
+from common import (PACKAGED_EMBEDDER, PACKAGED_MODEL, JsonlAppender, UserError, check_same_run, cli, load_causal_lm,
+                    load_tokenizer, loading, model_context, pad_rows, prompt_ids, read_rows, resolve_model)
 
 CHUNK_BATCHES = 8  # rows are scored and written in chunks of about this many full batches
 
@@ -58,19 +57,10 @@ def in_batches(items, batch_size, run):
     order = sorted(range(len(items)), key=lambda i: -len(items[i]))
     out = [None] * len(items)
     for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        for i, value in zip(chunk, run([items[i] for i in chunk])):
+        batch = order[start:start + batch_size]
+        for i, value in zip(batch, run([items[i] for i in batch])):
             out[i] = value
     return out
-
-
-def pad(seqs, pad_id, device, left=False):
-    """(input_ids, attention_mask) tensors; right padding unless `left` (where the last token is read)."""
-    width = max(map(len, seqs))
-    fill = [[pad_id] * (width - len(s)) for s in seqs]
-    ids = [f + s if left else s + f for f, s in zip(fill, seqs)]
-    mask = [[0] * len(f) + [1] * len(s) if left else [1] * len(s) + [0] * len(f) for f, s in zip(fill, seqs)]
-    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
 
 
 def _device(device):
@@ -125,10 +115,8 @@ class RewardOracle(Oracle):
 
         super().__init__(model, batch_size, device)
         self.tokenizer = load_tokenizer(model)
-        try:
+        with loading("reward model", model):
             self.model = AutoModelForSequenceClassification.from_pretrained(resolve_model(model)).to(self.device).eval()
-        except load_errors() as e:
-            raise UserError(f"cannot load reward model '{model}': {first_line(e)}") from None
         if self.model.config.pad_token_id is None:  # needed to find each row's last token in a padded batch
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.max_len = min(self.tokenizer.model_max_length, 8192)
@@ -144,7 +132,7 @@ class RewardOracle(Oracle):
     @torch.no_grad()
     def rewards(self, batch):
         """The scalar reward of each id list in `batch`."""
-        ids, mask = pad(batch, self.model.config.pad_token_id, self.device)
+        ids, mask = pad_rows(batch, self.model.config.pad_token_id, self.device)
         return self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
 
     def pref(self, rows):
@@ -209,10 +197,8 @@ class PairRMOracle(PairwiseOracle):
     def __init__(self, model, batch_size=32, device=None):
         super().__init__(model, batch_size, device)
         self.tokenizer = load_tokenizer(model)
-        try:
+        with loading("PairRM model", model, also=(AttributeError,)):
             self.model = _pairrm_class().from_pretrained(resolve_model(model)).to(self.device).eval()
-        except (*load_errors(), AttributeError) as e:
-            raise UserError(f"cannot load PairRM model '{model}': {first_line(e)}") from None
 
     def _encode(self, text, max_length):  # each segment is [CLS] marker text [SEP], cut on the right
         return self.tokenizer(text, max_length=max_length, truncation=True)["input_ids"]
@@ -227,7 +213,7 @@ class PairRMOracle(PairwiseOracle):
 
     @torch.no_grad()
     def score(self, batch):
-        ids, mask = pad(batch, self.tokenizer.pad_token_id, self.device)
+        ids, mask = pad_rows(batch, self.tokenizer.pad_token_id, self.device)
         return self.model(ids, mask).float().tolist()
 
     @staticmethod
@@ -286,7 +272,7 @@ class JudgeOracle(PairwiseOracle):
     @torch.no_grad()
     def score(self, batch):
         """q = p("1") / (p("1") + p("2")) for the judge's first answer token."""
-        ids, mask = pad(batch, self.tokenizer.pad_token_id, self.device, left=True)
+        ids, mask = pad_rows(batch, self.tokenizer.pad_token_id, self.device, left=True)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions (docs/offline.md)
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits
         return torch.softmax(logits[:, -1, self.label_ids].float(), -1)[:, 0].tolist()
@@ -519,14 +505,12 @@ class Embedder:
 
         self.name, self.batch_size, self.device = name, batch_size, _device(device)
         self.tokenizer = load_tokenizer(name)
-        try:
+        with loading("embedder", name):
             self.model = AutoModel.from_pretrained(resolve_model(name)).to(self.device).eval()
-        except load_errors() as e:
-            raise UserError(f"cannot load embedder '{name}': {first_line(e)}") from None
 
     @torch.no_grad()
     def _embed(self, batch):
-        ids, mask = pad(batch, self.tokenizer.pad_token_id, self.device)
+        ids, mask = pad_rows(batch, self.tokenizer.pad_token_id, self.device)
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
         mean = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
         return list(torch.nn.functional.normalize(mean, dim=-1).cpu().numpy().astype(np.float64))

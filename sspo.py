@@ -396,19 +396,19 @@ class SequenceScorer(torch.nn.Module):
     forward(**collate(...)) -> (logps (N,), pooled (N, D)) for the batch's N = 2B sequences:
     logps: log-probs of the response tokens summed over the response; pooled: the last hidden
     state (after the final norm) averaged over the response tokens (docs/method.md §3.2). The LM head
-    runs on response positions only, `chunk` rows at a time, so no full-vocabulary logits tensor for
+    runs on response positions only, `logits_chunk` rows at a time, so no full-vocabulary logits tensor for
     the batch ever exists: with several chunks each is recomputed in the backward pass; a batch that
     fits in one keeps its logits for the backward, which starts right after them (the same peak
-    memory as recomputing, without the second projection). chunk None: as many rows as make
+    memory as recomputing, without the second projection). logits_chunk None: as many rows as make
     CHUNK_LOGITS logits, and at least 1024 (a small vocabulary gets longer chunks, so fewer batches
     recompute). Wrapping the model in this module lets accelerate (DDP, FSDP, DeepSpeed) see one forward.
     """
     CHUNK_LOGITS = 2 ** 26  # 256 MiB of fp32 logits: 1024 rows of a 64k vocabulary
 
-    def __init__(self, model, chunk=None):
+    def __init__(self, model, logits_chunk=None):
         super().__init__()
         vocab = getattr(model.config.get_text_config(), "vocab_size", None) or 1
-        self.model, self.chunk = model, chunk or max(1024, self.CHUNK_LOGITS // vocab)
+        self.model, self.logits_chunk = model, logits_chunk or max(1024, self.CHUNK_LOGITS // vocab)
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
 
     # What engines look for on the module they wrap: FSDP re-ties embeddings after meta-device loading,
@@ -442,9 +442,9 @@ class SequenceScorer(torch.nn.Module):
         h = hidden[resp_row, resp_pred]
         head = self.model.get_output_embeddings()
         parts = []
-        for s in range(0, len(h), self.chunk):
-            args = (head, h[s:s + self.chunk], targets[s:s + self.chunk], self.softcap)
-            if torch.is_grad_enabled() and len(h) > self.chunk:  # one chunk: its logits are freed as early
+        for s in range(0, len(h), self.logits_chunk):
+            args = (head, h[s:s + self.logits_chunk], targets[s:s + self.logits_chunk], self.softcap)
+            if torch.is_grad_enabled() and len(h) > self.logits_chunk:  # one chunk: its logits are freed as early
                 parts.append(torch.utils.checkpoint.checkpoint(_chunk_logps, *args, use_reentrant=False))
             else:
                 parts.append(_chunk_logps(*args))
@@ -460,8 +460,8 @@ def check_scorer(scorer, examples, pad_id, device, model_type, share_prompt=Fals
     head); with share_prompt, try the shared-prompt layout against them too. Returns whether that
     layout may be used; when it disagrees: an error if strict (the user asked for it), else False.
     """
-    def run(share, naive=False):
-        return scorer(**{k: v.to(device) for k, v in collate(examples, pad_id, share).items()}, naive=naive)
+    def run(share_prompt, naive=False):
+        return scorer(**{k: v.to(device) for k, v in collate(examples, pad_id, share_prompt).items()}, naive=naive)
 
     rtol, atol = (3e-2, 0.5) if low_precision else (1e-3, 1e-2)
     with torch.no_grad():
@@ -511,13 +511,13 @@ def pair_tokens(example):
     return 2 * len(example["prompt_ids"]) + len(example["chosen_ids"]) + len(example["rejected_ids"])
 
 
-def micro_step(accelerator, scorer, examples, idx, ref, pad_id, share, n_step, *, loss, beta, rep_weight,
+def micro_step(accelerator, scorer, examples, idx, ref, pad_id, share_prompt, n_step, *, loss, beta, rep_weight,
                rep_margin, counted=1.0):
     """Forward and backward of the micro-batch examples[idx], whose gradient adds to the step's; returns its
     sums of the logged metrics, by name. n_step: the pairs of the whole optimizer step. counted = 0: a
     process with no pair left joins the backward with one pair that adds nothing."""
     device = accelerator.device
-    batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id, share).items()}
+    batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id, share_prompt).items()}
     b = len(idx)
     with accelerator.accumulate(scorer):  # syncs gradients (DeepSpeed: steps) on the last micro-step only
         with accelerator.autocast():
@@ -540,7 +540,7 @@ def micro_step(accelerator, scorer, examples, idx, ref, pad_id, share, n_step, *
             ("latent_dist", terms["latent_dist"]))}
 
 
-def optimizer_step(accelerator, scorer, opt, examples, ref, indices, pad_id, share, max_grad_norm, **loss_args):
+def optimizer_step(accelerator, scorer, opt, examples, ref, indices, pad_id, share_prompt, max_grad_norm, **loss_args):
     """One optimizer step over the pairs `indices`, split across processes and micro-steps; returns
     (metrics: the means over its pairs by name, tokens of its pairs, gradient norm before clipping)."""
     world, accum = accelerator.num_processes, accelerator.gradient_accumulation_steps
@@ -550,7 +550,7 @@ def optimizer_step(accelerator, scorer, opt, examples, ref, indices, pad_id, sha
         idx, counted = parts[micro * world + accelerator.process_index], 1.0
         if not idx:  # every process must join each backward; this one adds nothing
             idx, counted = indices[:1], 0.0
-        for name, value in micro_step(accelerator, scorer, examples, idx, ref, pad_id, share, len(indices),
+        for name, value in micro_step(accelerator, scorer, examples, idx, ref, pad_id, share_prompt, len(indices),
                                       counted=counted, **loss_args).items():
             sums[name] = sums.get(name, 0.0) + value
         tokens += sum(pair_tokens(examples[i]) for i in idx) * counted
@@ -567,11 +567,9 @@ def optimizer_step(accelerator, scorer, opt, examples, ref, indices, pad_id, sha
 # main process's part alone where they say so.
 
 def make_accelerator(mixed_precision, output_dir, grad_accum, report_to):
-    # Several processes and no CUDA (torchrun on CPU): accelerate uses gloo only when told cpu=True.
     from accelerate import Accelerator
 
-    cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu_processes, project_dir=output_dir,
+    return Accelerator(mixed_precision=mixed_precision, cpu=common.cpu_processes(), project_dir=output_dir,
                        gradient_accumulation_steps=grad_accum, log_with=None if report_to == "none" else report_to)
 
 
@@ -682,14 +680,14 @@ def micro_batches(indices, parts):
     return [indices[bounds[i]:bounds[i + 1]] for i in range(parts)]
 
 
-def plan_steps(examples, share, global_batch, seed, epochs, group_by_length):
+def plan_steps(examples, share_prompt, global_batch, seed, epochs, group_by_length):
     """(steps, lengths): the pair indices of every optimizer step, and each pair's row length in its layout."""
-    lengths = [len(e["prompt_ids"]) + (len(e["chosen_ids"]) + len(e["rejected_ids"]) if share else
+    lengths = [len(e["prompt_ids"]) + (len(e["chosen_ids"]) + len(e["rejected_ids"]) if share_prompt else
                                        max(len(e["chosen_ids"]), len(e["rejected_ids"]))) for e in examples]
     return step_batches(lengths, global_batch, seed, epochs, group_by_length), lengths
 
 
-def reference_logps(accelerator, scorer, examples, lengths, pad_id, share, batch_size, ref_path, checkpoint, data,
+def reference_logps(accelerator, scorer, examples, lengths, pad_id, share_prompt, batch_size, ref_path, checkpoint, data,
                     base_only=contextlib.nullcontext):
     """(pairs, 2) log-probs of chosen and rejected under pi_t, the model before its first update: computed
     once and kept in ref_path, so a resumed run (whose weights have moved) reads them back. No second copy
@@ -717,7 +715,7 @@ def reference_logps(accelerator, scorer, examples, lengths, pad_id, share, batch
     with torch.no_grad(), accelerator.autocast(), base_only():
         for r in tqdm(range(rounds), desc="reference log-probs", disable=not accelerator.is_main_process):
             idx = mine[r * size:(r + 1) * size]
-            logps, _ = scorer(**{k: v.to(device) for k, v in collate([examples[i] for i in idx or [0]], pad_id, share).items()})
+            logps, _ = scorer(**{k: v.to(device) for k, v in collate([examples[i] for i in idx or [0]], pad_id, share_prompt).items()})
             if idx:
                 ref[idx] = logps.view(2, -1).T.cpu()
     ref = accelerator.reduce(ref.to(device), reduction="sum").cpu()  # each row was filled by one process
@@ -773,15 +771,15 @@ def claim_run_dir(output_dir, resume):
         raise UserError(f"{output_dir} holds an unfinished run: add --resume to continue it, or choose another --output_dir")
 
 
-def open_run_dir(output_dir, resume, config):
-    """The config of the run being resumed ({} for a new run), once the command is checked to be the same."""
+def open_run_dir(output_dir, resume, run_config):
+    """The run_config of the run being resumed ({} for a new run), once the command is checked to be the same."""
     saved = os.path.join(output_dir, "run_config.json")
     if not (resume and os.path.exists(saved)):
         return {}
     before = common.read_json(saved)
-    changed = [k for k in config if k != "resume" and k in before and before[k] != config[k]]
+    changed = [k for k in run_config if k != "resume" and k in before and before[k] != run_config[k]]
     if changed:
-        raise UserError(f"--resume needs the same command: {', '.join(f'--{k} was {before[k]!r}, now {config[k]!r}' for k in changed)}")
+        raise UserError(f"--resume needs the same command: {', '.join(f'--{k} was {before[k]!r}, now {run_config[k]!r}' for k in changed)}")
     return before
 
 
@@ -986,12 +984,12 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
       attn_implementation: transformers' attention kernel: sdpa | eager | flash_attention_2 (needs flash-attn; chosen and rejected then run in rows apart) | ...; None: its default (sdpa)
       share_prompt: compute each pair's prompt once (one row prompt+chosen+rejected, a 4-D attention mask); None: on a CPU when the attention takes such a mask (sdpa or eager, no sliding window shorter than --max_length), confirmed at start against separate rows, else off with a line saying so; on a GPU rows apart (no faster there: bench/RESULTS.md); --noshare_prompt: rows apart
     """
-    config = {k: v for k, v in locals().items()}
-    check_flags(config)
+    run_config = {k: v for k, v in locals().items()}
+    check_flags(run_config)
     output_dir = str(output_dir)
     if finished(output_dir, resume, keep_checkpoint):
         return
-    before = open_run_dir(output_dir, resume, config)
+    before = open_run_dir(output_dir, resume, run_config)
     # Everything a user can get wrong is checked before a model is loaded or a file written.
     pairs, stats = load_pairs(str(data), loss, tau_low, tau_high)
     claim_run_dir(output_dir, resume)
@@ -1009,13 +1007,13 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
                                     dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=lora_target_modules))
     examples, stats["truncated"] = tokenize_pairs(pairs, tokenizer, max_length)
     pad_id = tokenizer.pad_token_id
-    scorer = SequenceScorer(policy, chunk=logits_chunk)
-    stats["logits_chunk_used"] = scorer.chunk
+    scorer = SequenceScorer(policy, logits_chunk=logits_chunk)
+    stats["logits_chunk_used"] = scorer.logits_chunk
     scorer, opt = accelerator.prepare(scorer, make_optimizer(scorer, optimizer, lr, weight_decay))
-    share = stats["share_prompt_used"] = choose_prompt_layout(accelerator, scorer, policy.config, examples, pad_id,
-                                                              share_prompt, max_length, before)
+    share_prompt_used = stats["share_prompt_used"] = choose_prompt_layout(
+        accelerator, scorer, policy.config, examples, pad_id, share_prompt, max_length, before)
     global_batch = batch_size * grad_accum * world
-    steps, lengths = plan_steps(examples, share, global_batch, seed, epochs, group_by_length)
+    steps, lengths = plan_steps(examples, share_prompt_used, global_batch, seed, epochs, group_by_length)
     total, warmup = len(steps), math.ceil(warmup_ratio * len(steps))
 
     if main_process:
@@ -1024,20 +1022,20 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
     checkpoint = find_checkpoint(output_dir) if resume else None
     base_only = accelerator.unwrap_model(scorer).model.disable_adapter if lora_r else contextlib.nullcontext
     t_ref = time.time()
-    ref = reference_logps(accelerator, scorer, examples, lengths, pad_id, share, batch_size,
+    ref = reference_logps(accelerator, scorer, examples, lengths, pad_id, share_prompt_used, batch_size,
                           os.path.join(output_dir, "ref_logps.pt"), checkpoint, data, base_only)
     timing = dict(reference_s=time.time() - t_ref)
     metrics_path = os.path.join(output_dir, "metrics.jsonl")
     start = restore_checkpoint(accelerator, checkpoint, metrics_path)
     if report_to != "none":
-        accelerator.init_trackers("sspo", config={k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))})
+        accelerator.init_trackers("sspo", config={k: v for k, v in run_config.items() if isinstance(v, (int, float, str, bool))})
     if main_process:
         common.atomic_write_json(os.path.join(output_dir, "run_config.json"),
-                                 dict(config, **stats, rep_weight_used=rep_weight_used(loss, beta, rep_weight)))
+                                 dict(run_config, **stats, rep_weight_used=rep_weight_used(loss, beta, rep_weight)))
         write_pairs(output_dir, pairs)
         print(f"{stats['pairs']} pairs from {stats['rows']} rows ({stats['skipped_ties']} prompts skipped: all win rates "
               f"equal; {stats['truncated']} pairs truncated to {max_length} tokens; prompt shared by chosen and rejected: "
-              f"{'yes' if share else 'no'}); {total} optimizer steps of "
+              f"{'yes' if share_prompt_used else 'no'}); {total} optimizer steps of "
               f"{global_batch} pairs on {world} process(es); starting at step {start}")
 
     log = common.JsonlAppender(metrics_path, id_field="step", lock=False) if main_process else None  # the folder is locked
@@ -1048,8 +1046,8 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
         lr_now = lr_at(step, total, warmup, lr, lr_schedule)
         for group in opt.param_groups:
             group["lr"] = lr_now
-        metrics, tokens, grad_norm = optimizer_step(accelerator, scorer, opt, examples, ref, steps[step], pad_id, share,
-                                                    max_grad_norm, loss=loss, beta=beta, rep_weight=rep_weight,
+        metrics, tokens, grad_norm = optimizer_step(accelerator, scorer, opt, examples, ref, steps[step], pad_id,
+                                                    share_prompt_used, max_grad_norm, loss=loss, beta=beta, rep_weight=rep_weight,
                                                     rep_margin=rep_margin)
         train_tokens += tokens
         if main_process:
@@ -1080,8 +1078,7 @@ def main(data, model=common.PACKAGED_MODEL, output_dir="runs/sspo", loss="sspo",
         print(f"saved {output_dir} ({total} steps; metrics in {metrics_path})")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # gloo can abort at exit otherwise (docs/offline.md)
+    common.end_process_group()
 
 
 if __name__ == "__main__":

@@ -20,11 +20,11 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path.insert(0, ROOT)
 import generate  # noqa: E402
 import oracle  # noqa: E402
 from common import cli  # noqa: E402
-from tiny import WORDS, make_tokenizer, pairrm_tokenizer  # noqa: E402  (tests/tiny.py: the tests' tiny builders)
+from tests.tiny import WORDS, make_tokenizer, pairrm_tokenizer  # noqa: E402  (the tests' tiny builders)
 
 
 def text(rng, lo, hi):
@@ -99,15 +99,15 @@ def main(prompts=8, k=4, repeats=3, threads=1, batch_size=32, hidden=256, layers
         print(f"  one pair at a time:            {pairs / t_single:8.1f} pairs/s")
         print(f"  ratio {t_single / t_batched:.1f}x (target >= 10x)")
 
-        model = generate.load_model(os.path.join(tmp, "llama"), "float32")
-        model[0].to("cuda" if torch.cuda.is_available() else "cpu")  # where the oracle runs too
+        lm, tokenizer = generate.load_model(os.path.join(tmp, "llama"), "float32")
+        lm.to("cuda" if torch.cuda.is_available() else "cpu")  # where the oracle runs too
         texts = [r["prompt"] for r in rows]
-        settings = dict(k=k, max_new_tokens=max_new_tokens, seed=seed)
-        counted = generate.sample_responses(texts, model, batch_size=batch_size, **settings)
+        settings = dict(k=k, max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.9, seed=seed)
+        counted = generate.sample_responses(texts, lm, tokenizer, batch_size=batch_size, **settings)
         tokens = sum(n for r in counted for n in r["num_tokens"])
-        t_batched = timed(lambda: generate.sample_responses(texts, model, batch_size=batch_size, **settings), repeats)
-        t_single = timed(lambda: generate.sample_responses(texts, model, batch_size=k, **settings), repeats)
-        print(f"generation (Llama, hidden {hidden}, {layers} layers, vocab {len(model[1])}), {prompts} prompts x {k} "
+        t_batched = timed(lambda: generate.sample_responses(texts, lm, tokenizer, batch_size=batch_size, **settings), repeats)
+        t_single = timed(lambda: generate.sample_responses(texts, lm, tokenizer, batch_size=k, **settings), repeats)
+        print(f"generation (Llama, hidden {hidden}, {layers} layers, vocab {len(tokenizer)}), {prompts} prompts x {k} "
               f"samples x {max_new_tokens} new tokens = {tokens} tokens")
         print(f"  batched ({batch_size} sequences/call): {tokens / t_batched:8.1f} tokens/s")
         print(f"  one prompt ({k} sequences) a call: {tokens / t_single:8.1f} tokens/s")

@@ -49,22 +49,22 @@ import sys
 import tempfile
 import time
 import traceback
-import warnings
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "bench")]
+sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
 import sspo  # noqa: E402
 import tuning  # noqa: E402
-import tiny  # noqa: E402  (tests/tiny.py: the tiny builders)
 from flops import matmul_params, matmul_rate, sync  # noqa: E402
+from tests.tiny import PUNCTUATION, SPECIAL, make_llama, make_tokenizer  # noqa: E402  (the tests' tiny builders)
 
 BODY = dict(layers=16, hidden=2048, heads=32, kv_heads=8, intermediate=8192)
 FULL = dict(gen=dict(BODY, vocab=128256), train=dict(BODY, vocab=16384), matmul_n=8192, copy_gib=2,
             seq_len=512, prompt_len=128, batch_size=8, steps=8, warmup=2,
             gen_prompts=64, gen_k=4, gen_new_tokens=256,
             cli_pairs=512, cli_prompt_tokens=128, cli_response_tokens=384, cli_max_length=1024)
+SAMPLING = dict(temperature=0.7, top_p=0.9, seed=0)  # generate.py's defaults
 TINY_BODY = dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128)
 TINY = dict(gen=dict(TINY_BODY, vocab=512), train=dict(TINY_BODY, vocab=512), matmul_n=256, copy_gib=1 / 64,
             seq_len=48, prompt_len=16, batch_size=2, steps=2, warmup=1,
@@ -72,18 +72,18 @@ TINY = dict(gen=dict(TINY_BODY, vocab=512), train=dict(TINY_BODY, vocab=512), ma
             cli_pairs=4, cli_prompt_tokens=16, cli_response_tokens=24, cli_max_length=128)
 
 
-def make_tokenizer(vocab):
+def word_tokenizer(vocab):
     """tests/tiny.py's word-level ChatML tokenizer with `vocab` tokens (words w0, w1, ...): any sampled id decodes."""
-    fixed = len(tiny.SPECIAL) + len(tiny.PUNCTUATION) + 2
-    return tiny.make_tokenizer(words=["user", "assistant"] + [f"w{i}" for i in range(vocab - fixed)])
+    fixed = len(SPECIAL) + len(PUNCTUATION) + 2
+    return make_tokenizer(words=["user", "assistant"] + [f"w{i}" for i in range(vocab - fixed)])
 
 
 def make_model(shape, tokenizer, device, max_positions=2048):
     """tests/tiny.py's random-weight Llama of `shape` (fp32 weights, as sspo.py trains them), built on `device`."""
     assert len(tokenizer) == shape["vocab"]
-    return tiny.make_llama(vocab_size=shape["vocab"], hidden=shape["hidden"], layers=shape["layers"], heads=shape["heads"],
-                           kv_heads=shape["kv_heads"], intermediate=shape["intermediate"], max_positions=max_positions,
-                           device=device)
+    return make_llama(vocab_size=shape["vocab"], hidden=shape["hidden"], layers=shape["layers"], heads=shape["heads"],
+                      kv_heads=shape["kv_heads"], intermediate=shape["intermediate"], max_positions=max_positions,
+                      device=device)
 
 
 def useful_flops(model, tokens, response_tokens, seq_len):
@@ -148,10 +148,10 @@ def generation(model, tokenizer, shape, device, bandwidth, slots_eager=True):
         ways = [w for w in ways if w[0] == "hf_generate"]
     for name, how in ways:
         reset_memory(device)
-        generate.sample_responses(prompts[:2], model=(lm, tokenizer), k=k, max_new_tokens=2, batch_size=2 * k, **how)  # warm-up
+        generate.sample_responses(prompts[:2], lm, tokenizer, **SAMPLING, k=k, max_new_tokens=2, batch_size=2 * k, **how)  # warm-up
         sync(device)
         t = time.perf_counter()
-        results = generate.sample_responses(prompts, model=(lm, tokenizer), k=k, max_new_tokens=shape["gen_new_tokens"],
+        results = generate.sample_responses(prompts, lm, tokenizer, **SAMPLING, k=k, max_new_tokens=shape["gen_new_tokens"],
                                             batch_size=n * k, **how)
         sync(device)
         dt = time.perf_counter() - t
@@ -212,7 +212,7 @@ def profile_generation(model, tokenizer, shape, device, steps):
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     out = {}
     for name, how in (("graphs", dict(slots=True, graphs=True)), ("slots_eager", dict(slots=True, graphs=False))):
-        run = lambda: generate.sample_responses(prompts, model=(lm, tokenizer), k=k, max_new_tokens=steps,  # noqa: E731
+        run = lambda: generate.sample_responses(prompts, lm, tokenizer, **SAMPLING, k=k, max_new_tokens=steps,  # noqa: E731
                                                 batch_size=n * k, **how)
         run()  # warm-up: every shape of this run captured (graphs) or compiled once
         sync(device)
@@ -410,14 +410,14 @@ def run(tiny=False, out=None, parts="gen,train,cli", slots_eager=True, systems="
 
     if "profile" in parts:
         def prof():
-            tokenizer = make_tokenizer(shape["gen"]["vocab"])
+            tokenizer = word_tokenizer(shape["gen"]["vocab"])
             return profile_generation(make_model(shape["gen"], tokenizer, device), tokenizer, shape, device, profile_steps)
         part("profile", prof)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if "gen" in parts:
         def gen():
-            tokenizer = make_tokenizer(shape["gen"]["vocab"])
+            tokenizer = word_tokenizer(shape["gen"]["vocab"])
             model = make_model(shape["gen"], tokenizer, device)
             result = generation(model, tokenizer, shape, device, report["copy_gb_per_s"] * 1e9, slots_eager)
             result["params"] = sum(p.numel() for p in model.parameters())
@@ -431,7 +431,7 @@ def run(tiny=False, out=None, parts="gen,train,cli", slots_eager=True, systems="
 
             # as `sspo.py --mixed_precision bf16` on the GPU; on a CPU fp32 (one accelerate state per process)
             accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" else "no")
-            tokenizer = make_tokenizer(shape["train"]["vocab"])
+            tokenizer = word_tokenizer(shape["train"]["vocab"])
             model = make_model(shape["train"], tokenizer, device)
             examples = examples_for(shape, shape["train"]["vocab"])
             result = dict(params=sum(p.numel() for p in model.parameters()), configs=[])

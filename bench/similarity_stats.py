@@ -45,8 +45,8 @@ def main(prompts="data/demo_train.jsonl", n_prompts=40, k=4, max_new_tokens=128,
          model=common.PACKAGED_MODEL, embedder=common.PACKAGED_EMBEDDER, out="bench/results/similarity_stats.json"):
     rows = [row for _, row in common.read_jsonl(prompts)][:n_prompts]
     lm, tokenizer = common.load_causal_lm(model)
-    samples = generate.sample_responses([r["prompt"] for r in rows], model=(lm, tokenizer), k=k,
-                                        max_new_tokens=max_new_tokens, seed=seed, batch_size=16)
+    samples = generate.sample_responses([r["prompt"] for r in rows], lm, tokenizer, k=k, max_new_tokens=max_new_tokens,
+                                        temperature=0.7, top_p=0.9, seed=seed, batch_size=16)
     responses = [s["responses"] for s in samples]
     emb = oracle.Embedder(embedder)
     upper = np.triu_indices(k, 1)

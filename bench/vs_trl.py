@@ -49,9 +49,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "bench")]
+sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
 import flops  # noqa: E402
-import tiny  # noqa: E402  (tests/tiny.py: the tiny builders)
+from tests.tiny import SPECIAL, chat_tokenizer, make_llama  # noqa: E402  (the tests' tiny builders)
 
 MD_BEGIN, MD_END = "<!-- vs_trl:begin -->", "<!-- vs_trl:end -->"
 
@@ -84,9 +84,9 @@ def make_tokenizer(folder, vocab_size=16384, seed=0):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.BPEDecoder()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=tiny.SPECIAL,
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
                                                         show_progress=False))
-    return tiny.chat_tokenizer(tok, folder), words, weights
+    return chat_tokenizer(tok, folder), words, weights
 
 
 CPU_SHAPE = dict(hidden=384, layers=8, heads=6, kv_heads=2, intermediate=1024)  # ~19M with the 16k vocabulary
@@ -95,8 +95,8 @@ CPU_SHAPE = dict(hidden=384, layers=8, heads=6, kv_heads=2, intermediate=1024)  
 def make_model(folder, tokenizer, seed=0, shape=None, device="cpu"):
     """A random-weight Llama of `shape` (default CPU_SHAPE: d 384, 8 layers, GQA 6/2 heads, MLP 1024, tied
     embeddings), built on `device` and saved in folder."""
-    return tiny.make_llama(folder, vocab_size=len(tokenizer), max_positions=1024, seed=seed, device=device,
-                           **(shape or CPU_SHAPE))
+    return make_llama(folder, vocab_size=len(tokenizer), max_positions=1024, seed=seed, device=device,
+                      **(shape or CPU_SHAPE))
 
 
 def make_scored(path, tokenizer, words, weights, prompts=64, k=4, prompt_tokens=64, response_tokens=128, spread=0.25,

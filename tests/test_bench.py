@@ -48,7 +48,7 @@ def test_gpu_script_runs_tiny_on_cpu(tmp_path):
 
 def test_gpu_flop_count_matches_a_hand_count():
     gpu = load_bench("gpu")
-    tokenizer = gpu.make_tokenizer(512)
+    tokenizer = gpu.word_tokenizer(512)
     shape = dict(gpu.TINY["train"])
     model = gpu.make_model(shape, tokenizer, "cpu")
     d, f, L, v, kv = shape["hidden"], shape["intermediate"], shape["layers"], shape["vocab"], shape["kv_heads"]

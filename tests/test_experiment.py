@@ -3,7 +3,6 @@ iterate.sh's REWRITE stage and run.sh end to end, killed and resumed, on tiny ra
 import importlib.util
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -205,11 +204,19 @@ def test_contrasts_pair_prompts_within_an_oracle_and_across_oracles(models, tmp_
     assert "| overconfident | sppo | 1 | sppo under clean | +0.250" in page
 
 
-def test_run_sh_uses_make_demo_settings():
-    """run.sh repeats make demo's sspo.py flags as its default (so `bash run.sh` needs no Makefile)."""
+def test_demo_settings_live_in_one_file():
+    """make demo and run.sh (its defaults) both read scripts/demo.env, and neither repeats a value of it."""
+    env = subprocess.run(["bash", "-c", "source scripts/demo.env && echo $DEMO_K $DEMO_MAX_NEW_TOKENS $DEMO_SSPO_ARGS"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    assert env[:2] == ["4", "96"] and env[2:4] == ["--beta", "0.02"]
     makefile = open(os.path.join(ROOT, "Makefile")).read()
-    demo = re.search(r"^DEMO_SSPO_ARGS := (.*)$", makefile, re.M).group(1).strip()
-    assert f'SSPO_ARGS="${{SSPO_ARGS:-{demo}}}"' in open(os.path.join(HERE, "run.sh")).read()
+    demo = makefile[makefile.index("\ndemo:"):makefile.index("\nexperiment:")]
+    run_sh = open(os.path.join(HERE, "run.sh")).read()
+    for text in (demo, run_sh):
+        assert "scripts/demo.env" in text and "--beta" not in text and "96" not in text
+    assert 'SSPO_ARGS="${SSPO_ARGS:-$DEMO_SSPO_ARGS}"' in run_sh
+    dry = subprocess.run(["make", "-n", "demo"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "$DEMO_SSPO_ARGS" in dry and "K=$DEMO_K" in dry and "MAX_NEW_TOKENS=$DEMO_MAX_NEW_TOKENS" in dry
 
 
 # ------------------------------------------------------------------------ iterate.sh and run.sh

@@ -54,20 +54,23 @@ def biased_model(tiny_model_dir, bias):
 
 def test_stops_at_end_of_turn_and_drops_it(tiny_model_dir):
     pair = biased_model(tiny_model_dir, {"paris": 0.0, "<|im_end|>": -1.0})
-    out = generate.sample_responses(PROMPTS[:2], pair, k=8, max_new_tokens=6, temperature=1.0, top_p=1.0, seed=0)
+    out = generate.sample_responses(PROMPTS[:2], *pair, k=8, max_new_tokens=6, temperature=1.0, top_p=1.0, seed=0,
+                                   batch_size=16)
     flat = [(y, n, f) for r in out for y, n, f in zip(r["responses"], r["num_tokens"], r["finished"])]
     assert any(f for _, _, f in flat) and not all(f for _, _, f in flat)  # both cases occur at this seed
     for text, n, finished in flat:
         assert text == " ".join(["paris"] * n)  # the end-of-turn token is never in the text or the count
         assert finished or n == 6
-    always = generate.sample_responses(PROMPTS[:1], biased_model(tiny_model_dir, {"<|im_end|>": 0.0}), k=2)
+    always = generate.sample_responses(PROMPTS[:1], *biased_model(tiny_model_dir, {"<|im_end|>": 0.0}), k=2,
+                                      max_new_tokens=512, temperature=0.7, top_p=0.9, seed=0, batch_size=128)
     assert always == [{"responses": ["", ""], "num_tokens": [0, 0], "finished": [True, True]}]
 
 
 def test_greedy_batched_equals_one_prompt_unpadded(tiny_model_dir):
     """Left padding, the length sort and the chat template change nothing: same tokens as a plain loop."""
     model, tokenizer = load_causal_lm(tiny_model_dir)
-    got = generate.sample_responses(PROMPTS, (model, tokenizer), k=2, max_new_tokens=5, temperature=0, batch_size=8)
+    got = generate.sample_responses(PROMPTS, model, tokenizer, k=2, max_new_tokens=5, temperature=0, top_p=0.9, seed=0,
+                                   batch_size=8)
     for prompt, row in zip(PROMPTS, got):
         ids = prompt_ids(tokenizer, prompt)
         for _ in range(5):
@@ -243,8 +246,9 @@ def test_slots_work_checks_the_model(tiny_model_dir, capsys):
     bloom = BloomForCausalLM(BloomConfig(**small, n_layer=2, n_head=4)).eval()
     assert not generate.slots_work(bloom, tokenizer, 64)  # ALiBi: its bias comes from a 2-D mask
     assert "slots not used" in capsys.readouterr().out
-    got = generate.sample_responses(PROMPTS[:2], (bloom, tokenizer), k=2, max_new_tokens=4)  # and still samples
-    assert got == generate.sample_responses(PROMPTS[:2], (bloom, tokenizer), k=2, max_new_tokens=4, slots=False)
+    settings = dict(k=2, max_new_tokens=4, temperature=0.7, top_p=0.9, seed=0, batch_size=128)
+    got = generate.sample_responses(PROMPTS[:2], bloom, tokenizer, **settings)  # and still samples
+    assert got == generate.sample_responses(PROMPTS[:2], bloom, tokenizer, **settings, slots=False)
 
 
 @pytest.mark.slow
@@ -262,9 +266,10 @@ def test_slots_on_the_oldest_supported_transformers(tmp_path):
         "tok = tiny.make_tokenizer(); lm = tiny.make_llama(vocab_size=len(tok)).eval()\n"
         "assert generate.slots_work(lm, tok, 64)\n"
         "p = ['hello there', 'why', 'tell me about the dog and the cat , and the blue water']\n"
-        "hf = generate.sample_responses(p, (lm, tok), k=3, max_new_tokens=20, batch_size=4, slots=False)\n"
-        "assert generate.sample_responses(p, (lm, tok), k=3, max_new_tokens=20, batch_size=4, slots=True) == hf\n"
-        "assert generate.sample_responses(p, (lm, tok), k=3, max_new_tokens=20, batch_size=4, slots=True, graphs=True) == hf\n"
+        "s = dict(k=3, max_new_tokens=20, temperature=0.7, top_p=0.9, seed=0, batch_size=4)\n"
+        "hf = generate.sample_responses(p, lm, tok, **s, slots=False)\n"
+        "assert generate.sample_responses(p, lm, tok, **s, slots=True) == hf\n"
+        "assert generate.sample_responses(p, lm, tok, **s, slots=True, graphs=True) == hf\n"
         "print('ok', transformers.__version__)\n"
     ) % (ROOT, os.path.join(ROOT, "tests"), low)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,

@@ -1,5 +1,4 @@
 """LoRA through peft, and gradient checkpointing: sspo.py's memory savers must not change the math."""
-import copy
 
 import pytest
 import torch

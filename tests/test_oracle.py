@@ -10,7 +10,6 @@ import torch
 
 import oracle
 from common import UserError
-from tiny import WORDS, make_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = [  # K differs across rows; extra fields must pass through

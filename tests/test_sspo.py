@@ -155,7 +155,7 @@ def test_fast_logps_equal_the_naive_full_logits(tiny_model_dir, chunk):
              for _ in range(5)]
     examples, _ = sspo.tokenize_pairs(pairs, tokenizer, 512)
     batch = sspo.collate(examples, tokenizer.pad_token_id)
-    scorer = sspo.SequenceScorer(model, chunk=chunk)
+    scorer = sspo.SequenceScorer(model, logits_chunk=chunk)
     fast, pooled = scorer(**batch)
     fast.sum().backward()
     grads_fast = [p.grad.clone() for p in model.parameters()]
@@ -210,10 +210,10 @@ def test_logits_chunk_by_vocabulary(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    assert sspo.SequenceScorer(model).chunk == 2 ** 26 // model.config.vocab_size
-    assert sspo.SequenceScorer(model, chunk=7).chunk == 7
+    assert sspo.SequenceScorer(model).logits_chunk == 2 ** 26 // model.config.vocab_size
+    assert sspo.SequenceScorer(model, logits_chunk=7).logits_chunk == 7
     model.config.vocab_size = 128256  # a Llama-3 vocabulary: 1024 rows (523 would fill 2^26)
-    assert sspo.SequenceScorer(model).chunk == 1024
+    assert sspo.SequenceScorer(model).logits_chunk == 1024
 
 
 def _random_examples(tokenizer, n, seed):
@@ -232,7 +232,7 @@ def test_shared_prompt_rows_score_like_separate_rows(tiny_model_dir, attn):
     tokenizer = common.load_tokenizer(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn)
     examples = _random_examples(tokenizer, 5, seed=2)
-    scorer = sspo.SequenceScorer(model, chunk=7)
+    scorer = sspo.SequenceScorer(model, logits_chunk=7)
     out = {}
     for share in (False, True):
         batch = sspo.collate(examples, tokenizer.pad_token_id, share_prompt=share)

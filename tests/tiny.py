@@ -1,7 +1,7 @@
 """What the tests and the benchmarks build for themselves: tiny tokenizers, random models, scored files.
 
 No network, no model hub. One builder per kind of thing; tests/conftest.py turns them into fixtures,
-bench/ imports them (sys.path gets tests/ first).
+bench/ imports them as tests.tiny (the repository's root is on its sys.path, for the scripts).
 """
 import json
 import math

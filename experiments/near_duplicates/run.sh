@@ -29,9 +29,9 @@
 # summary.json, trained_pairs.py's extract, wall_time.jsonl); after each arm and condition results.py rebuilds results.json, RESULTS.md's table and plot.png from DEST alone. Nothing is committed.
 #
 # Settings (environment variables): MODEL (default: the packaged SmolLM2), EMBEDDER (similarity encoder),
-# TRAIN_PROMPTS (data/demo_train.jsonl) and TRAIN_N (128: its first N), HELDOUT (data/demo_heldout.jsonl),
-# K (4), HELDOUT_K (4), MAX_NEW_TOKENS (96), ITERS (3), SEED (0), THRESHOLD (0.8), CONTROL (0),
-# CONTROL_SHARE (0.25), ARMS and CONDITIONS (space-separated subsets), SSPO_ARGS (make demo's), GENERATE_ARGS,
+# TRAIN_PROMPTS (data/demo_train.jsonl) and TRAIN_N (its first N), HELDOUT (data/demo_heldout.jsonl), K,
+# HELDOUT_K, MAX_NEW_TOKENS (TRAIN_N to MAX_NEW_TOKENS: make demo's, scripts/demo.env), ITERS (3), SEED (0),
+# THRESHOLD (0.8), CONTROL (0), CONTROL_SHARE (0.25), ARMS and CONDITIONS (space-separated subsets), SSPO_ARGS (make demo's), GENERATE_ARGS,
 # RUNS (runs/near_duplicates: models and stage files), DEST (experiments/near_duplicates), PYTHON, LAUNCH,
 # RESULTS (the command run after each arm and condition; default: results.py --folder DEST), DATA_ONLY (1: only
 # iteration 1's samples, scores and rewrites of each condition, no training: to inspect them first).
@@ -44,17 +44,18 @@ if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
 fi
 TRAIN_PROMPTS="${TRAIN_PROMPTS:-data/demo_train.jsonl}"
-TRAIN_N="${TRAIN_N:-128}"
+source scripts/demo.env  # make demo's settings: the defaults below
+TRAIN_N="${TRAIN_N:-$DEMO_TRAIN_N}"
 HELDOUT="${HELDOUT:-data/demo_heldout.jsonl}"
-K="${K:-4}"
-HELDOUT_K="${HELDOUT_K:-4}"
-MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-96}"
+K="${K:-$DEMO_K}"
+HELDOUT_K="${HELDOUT_K:-$DEMO_HELDOUT_K}"
+MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-$DEMO_MAX_NEW_TOKENS}"
 ITERS="${ITERS:-3}"
 SEED="${SEED:-0}"
 THRESHOLD="${THRESHOLD:-0.8}"
 CONTROL_SHARE="${CONTROL_SHARE:-0.25}"
-# make demo's (Makefile, DEMO_SSPO_ARGS): the same for every arm, only --loss and the ablation flags differ
-SSPO_ARGS="${SSPO_ARGS:---beta 0.02 --lr 1e-5 --batch_size 4 --epochs 1 --max_length 512 --save_every 0}"
+# the same for every arm, only --loss and the ablation flags differ
+SSPO_ARGS="${SSPO_ARGS:-$DEMO_SSPO_ARGS}"
 GENERATE_ARGS="${GENERATE_ARGS:-}"  # generate.py's own defaults, as make demo
 RUNS="${RUNS:-runs/near_duplicates}"
 DEST="${DEST:-experiments/near_duplicates}"
