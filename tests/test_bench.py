@@ -128,3 +128,16 @@ def test_gpu_script_profiles_sampling_tiny_on_cpu(tmp_path):
         assert p["group_shares"].get("matmul", 0) > 0  # the model's linear layers are found
     assert gpu.op_group("aten::sort") == "sort and top-p" and gpu.op_group("aten::mm") == "matmul"
     assert gpu.op_group("ampere_bf16_s16816gemm") == "matmul" and gpu.op_group("aten::add_") == "other"
+
+
+def test_same_results_finds_a_revision_trains_as_itself():
+    """bench/same_results.sh trains the tiny model twice at HEAD, each in its own worktree: the weights match byte
+    for byte and the metrics match without their timing keys (the script exits 1 with "RESULTS DIFFER" otherwise)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run(["bash", os.path.join(ROOT, "bench", "same_results.sh")], capture_output=True, text=True,
+                       env=dict(os.environ, BEFORE="HEAD", AFTER="HEAD", TINY="1", PY=sys.executable, OMP_NUM_THREADS="1"), timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "weights model.safetensors: identical" in r.stdout and r.stdout.strip().endswith("SAME RESULTS")
+    assert "metrics.jsonl (16 steps before, 16 after" in r.stdout
