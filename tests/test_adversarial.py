@@ -177,12 +177,21 @@ def test_results_report_the_endpoints_once_every_seed_has_them(models, tmp_path)
     assert interim["complete"] is False and interim["verdict"] is None
     assert "decide nothing" in page.read_text() and "Verdict" not in page.read_text()
     _heldout(tmp_path / "seed2" / "data" / "adversarial" / "sspo" / "iter3" / "heldout.jsonl", [good] * 6)
+    for seed in (0, 1, 2):  # S-SPPO under the clean oracle: an exploratory contrast, in no endpoint
+        _heldout(tmp_path / f"seed{seed}" / "data" / "clean" / "sspo" / "iter3" / "heldout.jsonl", [bad] * 3 + [good] * 3)
     results.main(folder=str(tmp_path), embedder=models["embedder"], bootstrap=200)
     found = json.loads((tmp_path / "endpoints.json").read_text())
     assert found["M"]["mean"] == -1.0 and found["P"]["mean"] == 1.0
     assert found["M"]["per_seed"] == {"0": -1.0, "1": -1.0, "2": -1.0}
     assert found["verdict"].startswith("confirmed")
+    extra = found["exploratory"]  # only the contrasts every seed has: no gating-alone runs here
+    assert set(extra) == {"S-SPPO - SPPO, clean", "S-SPPO adversarial - S-SPPO clean"}
+    assert extra["S-SPPO - SPPO, clean"]["mean"] == -0.5 and extra["S-SPPO adversarial - S-SPPO clean"]["mean"] == 0.5
+    lo, hi = extra["S-SPPO - SPPO, clean"]["ci95"]
+    assert -1.0 <= lo < -0.5 < hi <= 0.0  # prompts differ (half score -1, half 0), so the interval has width
     recs = json.loads((tmp_path / "results.json").read_text())
     assert {(r["seed"], r["condition"], r["arm"]) for r in recs} == {(s, c, a) for s in (0, 1, 2) for c, a in (
-        (None, "base"), ("clean", "sppo"), ("adversarial", "sppo"), ("adversarial", "sspo"))}
-    assert "**Verdict (the rule fixed in advance): confirmed" in page.read_text() and (tmp_path / "plot.png").exists()
+        (None, "base"), ("clean", "sppo"), ("adversarial", "sppo"), ("adversarial", "sspo"), ("clean", "sspo"))}
+    text = page.read_text()
+    assert "**Verdict (the rule fixed in advance): confirmed" in text and (tmp_path / "plot.png").exists()
+    assert "NOT pre-registered" in text and "| S-SPPO - SPPO, clean | -0.500 |" in text

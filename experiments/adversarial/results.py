@@ -13,7 +13,8 @@ at iteration ITERATION, M = SPPO under adversarial minus SPPO under clean and P 
 adversarial. Each is the mean over seeds of the mean over the held-out prompts of the paired per-prompt
 difference of the constraint score (binary credit, the mean over a prompt's answers), with a hierarchical
 bootstrap (seeds resampled, then prompts within each drawn seed; BOOTSTRAP draws, seeded BOOTSTRAP_SEED), a
-two-sided bootstrap p, Holm's correction over the two, and `decide`'s verdict. endpoints.json holds them.
+two-sided bootstrap p, Holm's correction over the two, and `decide`'s verdict. endpoints.json holds them, and
+beside them EXPLORATORY's contrasts (not pre-registered, uncorrected intervals; no decision rests on them).
 """
 import glob
 import importlib.util
@@ -49,6 +50,13 @@ ALPHA = 0.05  # family-wise, Holm over the two endpoints
 BOOTSTRAP, BOOTSTRAP_SEED = 10000, 23
 ENDPOINTS = {"M": (("adversarial", "sppo"), ("clean", "sppo")), "P": (("adversarial", "sspo"), ("adversarial", "sppo"))}
 CONDITIONS, ARMS = ("clean", "adversarial"), ("sppo", "sspo", "sspo_gate")
+# Not pre-registered: chosen after the endpoints were known, to read them (is S-SPPO's level under the clean oracle
+# what P misses? does the adversarial oracle move S-SPPO at all? what does gating alone do?). The same bootstrap,
+# uncorrected 95% intervals; no decision rests on them.
+EXPLORATORY = {"S-SPPO - SPPO, clean": (("clean", "sspo"), ("clean", "sppo")),
+               "S-SPPO adversarial - S-SPPO clean": (("adversarial", "sspo"), ("clean", "sspo")),
+               "gating alone - SPPO, adversarial": (("adversarial", "sspo_gate"), ("adversarial", "sppo")),
+               "gating alone - S-SPPO, adversarial": (("adversarial", "sspo_gate"), ("adversarial", "sspo"))}
 TIMED_FROM = os.path.join(ROOT, "experiments", "near_duplicates", "wall_time.jsonl")  # before this experiment's own
 HELDOUT_EXTRA_S = 144  # per call, over TIMED_FROM's: 112 more held-out prompts x 4 at its 1.3 min per 60 x 4
 
@@ -136,7 +144,19 @@ def endpoints(folder, seeds, recs):
     holm(found)
     for e in found.values():
         del e["draws"]
-    return {"complete": True, "seeds": seeds, "iteration": ITERATION, **found, "verdict": decide(found["M"], found["P"])}
+    return {"complete": True, "seeds": seeds, "iteration": ITERATION, **found, "verdict": decide(found["M"], found["P"]),
+            "exploratory": exploratory(folder, seeds, recs)}
+
+
+def exploratory(folder, seeds, recs):
+    """EXPLORATORY's contrasts that every seed has, each with an uncorrected 95% percentile interval."""
+    found = {}
+    for name, (a, b) in EXPLORATORY.items():
+        e = endpoint(folder, seeds, recs, a, b)
+        if e is not None:
+            e["ci95"] = [float(v) for v in np.percentile(e.pop("draws"), [2.5, 97.5])]
+            found[name] = e
+    return found
 
 
 def endpoint_text(result):
@@ -152,9 +172,18 @@ def endpoint_text(result):
         seeds = ", ".join(f"{s}: {v:+.3f}" for s, v in e["per_seed"].items())
         lines.append(f"| {name} = {what} | {e['mean']:+.3f} | {100 * e['level']:.1f}% [{e['ci'][0]:+.3f}, {e['ci'][1]:+.3f}] | "
                      f"{e['p']:.4f} | {e['p_holm']:.4f} | {seeds} |")
-    return (f"Endpoints at iteration {ITERATION}, seeds {', '.join(map(str, result['seeds']))}, "
+    text = (f"Endpoints at iteration {ITERATION}, seeds {', '.join(map(str, result['seeds']))}, "
             f"{result['M']['prompts']} held-out prompts (endpoints.json):\n\n" + "\n".join(lines)
             + f"\n\n**Verdict (the rule fixed in advance): {result['verdict']}.**")
+    if result.get("exploratory"):
+        rows = ["| contrast | estimate | 95% interval (uncorrected) | p (bootstrap) | per seed |", "|---|---|---|---|---|"]
+        for name, e in result["exploratory"].items():
+            seeds = ", ".join(f"{s}: {v:+.3f}" for s, v in e["per_seed"].items())
+            rows.append(f"| {name} | {e['mean']:+.3f} | [{e['ci95'][0]:+.3f}, {e['ci95'][1]:+.3f}] | {e['p']:.4f} | {seeds} |")
+        text += ("\n\nExploratory contrasts at the same iteration, NOT pre-registered (chosen after the endpoints were "
+                 "known, to read them; the same hierarchical bootstrap, no correction; no decision rests on them):\n\n"
+                 + "\n".join(rows))
+    return text
 
 
 def table(recs):
